@@ -1,0 +1,284 @@
+"""ft-appliance: fine-tune with LlamaFactory on every GPU of the node, resuming after any crash.
+
+The only module that knows about Click: it turns options into a Plan, hands it on, and maps the
+domain errors of errors.py to one line and an exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .config import DEFAULT_CONFIG, Plan, Rendezvous, RetryPolicy, Timeouts, build_plan
+from .errors import ApplianceError, ConfigError, PreflightError, Stopped, exit_code_table
+
+EPILOG = "Exit codes:\n\n\b\n" + exit_code_table()
+
+
+def _echo_to(json_mode: bool) -> Callable[[str], None]:
+    # With --json, stdout carries only the final JSON document; logs go to stderr.
+    def echo(line: str) -> None:
+        click.echo(line, err=json_mode)
+
+    return echo
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="ft-appliance")
+def cli() -> None:
+    """Fine-tune LLMs with LlamaFactory under torchrun, with preflight checks and crash-resume.
+
+    Reads a LlamaFactory YAML (unchanged), trains on every visible GPU, and after any crash
+    resumes from the newest complete checkpoint. Checkpoints are never deleted.
+    """
+
+
+def supervisor_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option(
+            "--nproc",
+            type=click.IntRange(min=1),
+            envvar="FT_NPROC",
+            show_envvar=True,
+            help="Training processes on this node [default: every visible GPU].",
+        ),
+        click.option(
+            "--max-restarts",
+            type=click.IntRange(min=0),
+            default=3,
+            show_default=True,
+            envvar="FT_MAX_RESTARTS",
+            show_envvar=True,
+            help="Restarts after crashes.",
+        ),
+        click.option(
+            "--backoff",
+            type=click.FloatRange(min=0),
+            default=2.0,
+            show_default=True,
+            envvar="FT_BACKOFF_S",
+            show_envvar=True,
+            help="First restart wait in seconds (doubles).",
+        ),
+        click.option(
+            "--crash-loop-limit",
+            type=click.IntRange(min=1),
+            default=3,
+            show_default=True,
+            envvar="FT_CRASH_LOOP_LIMIT",
+            show_envvar=True,
+            help="Failed attempts in a row at the same step that count as a crash loop.",
+        ),
+        click.option(
+            "--stop-grace",
+            type=click.FloatRange(min=0),
+            default=120.0,
+            show_default=True,
+            envvar="FT_STOP_GRACE_S",
+            show_envvar=True,
+            help="Seconds to save a checkpoint after SIGTERM before training is killed.",
+        ),
+        click.option(
+            "--hang-timeout",
+            type=click.FloatRange(min=1),
+            default=1800.0,
+            show_default=True,
+            envvar="FT_HANG_TIMEOUT_S",
+            show_envvar=True,
+            help="Seconds without a training step before the run counts as hung and restarts.",
+        ),
+        click.option(
+            "--startup-timeout",
+            type=click.FloatRange(min=1),
+            default=3600.0,
+            show_default=True,
+            envvar="FT_STARTUP_TIMEOUT_S",
+            show_envvar=True,
+            help="Seconds allowed from launch to the first step.",
+        ),
+        click.option(
+            "--nnodes",
+            default="1",
+            show_default=True,
+            envvar="FT_NNODES",
+            show_envvar=True,
+            help="Nodes (N or MIN:MAX) for multi-node runs through torchrun's rendezvous.",
+        ),
+        click.option(
+            "--rdzv-endpoint",
+            envvar="FT_RDZV_ENDPOINT",
+            show_envvar=True,
+            help="host:port of the c10d rendezvous (multi-node).",
+        ),
+        click.option(
+            "--rdzv-id",
+            default="ft-appliance",
+            show_default=True,
+            envvar="FT_RDZV_ID",
+            show_envvar=True,
+            help="Rendezvous id shared by the nodes of one job.",
+        ),
+        click.option(
+            "--workdir",
+            type=click.Path(file_okay=False, path_type=Path),
+            envvar="FT_WORKDIR",
+            show_envvar=True,
+            help="Working directory of the workers (relative paths in the YAML) [default: current directory].",
+        ),
+        click.option(
+            "--json",
+            "json_mode",
+            is_flag=True,
+            envvar="FT_JSON",
+            show_envvar=True,
+            help="Print the result as JSON on stdout (logs go to stderr).",
+        ),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def make_plan(config: Path, overrides: tuple[str, ...], kw: dict[str, Any], default_nproc: int | None) -> Plan:
+    nproc = kw["nproc"] or default_nproc
+    if nproc is None:
+        from .hardware import read_nvml
+
+        inv = read_nvml()
+        if inv.count == 0:
+            raise PreflightError(
+                "no GPU visible: run the container with --gpus all (docker) or a GPU reservation (compose); "
+                "to train on CPU pass --nproc N, or try `ft-appliance demo`"
+            )
+        nproc = inv.count
+    return build_plan(
+        config,
+        overrides,
+        nproc=nproc,
+        workdir=kw["workdir"],
+        retry=RetryPolicy(kw["max_restarts"], kw["backoff"], max(kw["backoff"], 60.0), kw["crash_loop_limit"]),
+        timeouts=Timeouts(kw["stop_grace"], kw["hang_timeout"], kw["startup_timeout"]),
+        rendezvous=Rendezvous(kw["nnodes"], 0, kw["rdzv_endpoint"], kw["rdzv_id"]),
+    )
+
+
+def validate(plan: Plan) -> None:
+    from .problems import errors
+    from .schema import check_args, load_schema
+
+    problems = errors(check_args(plan.args, load_schema(), str(plan.config_path)))
+    if problems:
+        more = f" (and {len(problems) - 1} more: run `ft-appliance check`)" if len(problems) > 1 else ""
+        raise ConfigError(problems[0].message + more)
+
+
+def run_training(plan: Plan, json_mode: bool) -> None:
+    from .supervise import Shutdown, Supervisor, summary_lines
+
+    echo = _echo_to(json_mode)
+    shutdown = Shutdown()
+    shutdown.install()
+    result = Supervisor(plan, echo, shutdown).run()
+    for line in summary_lines(result):
+        echo(f"[ft] {line}")
+    if json_mode:
+        click.echo(json.dumps(result.to_dict(), default=str))
+
+
+@cli.command(epilog=EPILOG)
+@click.argument(
+    "config", type=click.Path(dir_okay=True, path_type=Path), envvar="FT_CONFIG", default=DEFAULT_CONFIG, required=False
+)
+@click.argument("overrides", nargs=-1)
+@supervisor_options
+def train(config: Path, overrides: tuple[str, ...], **kw: Any) -> None:
+    """Train from CONFIG, a LlamaFactory YAML, with optional key=value OVERRIDES.
+
+    CONFIG defaults to /data/configs/train.yaml (or FT_CONFIG). The YAML is used unchanged, except
+    that overwrite_output_dir is forced off and resume_from_checkpoint is chosen by the appliance:
+    the newest complete checkpoint in output_dir. A finished run is reported and left alone.
+    """
+    plan = make_plan(config, overrides, kw, None)
+    validate(plan)
+    run_training(plan, kw["json_mode"])
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=Path("ft-demo"), required=False)
+@click.option(
+    "--max-steps", type=click.IntRange(min=1), default=30, show_default=True, help="Optimizer steps of the demo run."
+)
+@click.option(
+    "--save-steps",
+    type=click.IntRange(min=1),
+    default=10,
+    show_default=True,
+    help="Checkpoint interval of the demo run.",
+)
+@supervisor_options
+def demo(directory: Path, max_steps: int, save_steps: int, **kw: Any) -> None:
+    """Build a tiny Llama, a dataset and a config under DIRECTORY and train it (CPU, offline).
+
+    DIRECTORY (default ./ft-demo) gets the /data layout: configs/, datasets/, models/, output/.
+    Runs 2 CPU processes unless --nproc says otherwise. Running it again resumes or reports the
+    finished run; delete DIRECTORY/output to train from scratch.
+    """
+    from .demo import build_demo
+
+    echo = _echo_to(kw["json_mode"])
+    echo(f"[ft] building the demo layout in {directory.resolve()}")
+    config = build_demo(directory, max_steps=max_steps, save_steps=save_steps)
+    echo(f"[ft] config: {config}")
+    plan = make_plan(config, (), kw, default_nproc=2)
+    validate(plan)
+    run_training(plan, kw["json_mode"])
+
+
+@cli.command()
+@click.argument("target", type=click.Path(path_type=Path), envvar="FT_CONFIG", default=DEFAULT_CONFIG, required=False)
+@click.option("--json", "json_mode", is_flag=True, envvar="FT_JSON", show_envvar=True, help="Print JSON.")
+def status(target: Path, json_mode: bool) -> None:
+    """Show the state of a run: TARGET is its output_dir or its config file."""
+    from .config import read_yaml, resolve_output_dir
+    from .supervise import load_status
+
+    out = target
+    if target.is_file():
+        out = resolve_output_dir(read_yaml(target), Path.cwd())
+    st = load_status(out)
+    if st is None:
+        raise ConfigError(f"no run state in {out}: it has not been trained by ft-appliance yet")
+    if json_mode:
+        click.echo(json.dumps(st, indent=1, sort_keys=True))
+        return
+    from .status import Progress, format_progress
+
+    click.echo(f"{st['state']}: {st['output_dir']} (restarts {st['restarts']}, steps lost {sum(st['steps_lost'])})")
+    if st.get("progress"):
+        click.echo("  " + format_progress(Progress(**st["progress"])))
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="ft-appliance", standalone_mode=False)
+    except Stopped as exc:
+        click.echo(f"ft-appliance: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    except ApplianceError as exc:
+        click.echo(f"ft-appliance: error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.Abort:
+        click.echo("ft-appliance: aborted", err=True)
+        sys.exit(130)
+    sys.exit(0)

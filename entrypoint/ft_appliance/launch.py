@@ -1,0 +1,77 @@
+"""Pure: a Plan and an attempt number in, the torchrun command to run out.
+
+torchrun is started directly (`python -m torch.distributed.run`), not through `llamafactory-cli`,
+which re-splits its command line, turns every failure into exit code 1 and forwards no signal.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Plan, Rendezvous
+
+WORKER_MODULE = "ft_appliance.worker"
+
+# What `llamafactory-cli train` sets for distributed runs (its OPTIM_TORCH default), so that a run
+# through the appliance is as fast as one through the CLI. The user's environment wins.
+DEFAULT_ENV = {
+    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+    "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
+    "PYTHONUNBUFFERED": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    run_file: Path
+    attempt_dir: Path
+
+
+def torchrun_argv(
+    nproc: int,
+    rendezvous: Rendezvous,
+    master_port: int,
+    worker_args: list[str],
+    python: str = sys.executable,
+) -> list[str]:
+    argv = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    if rendezvous.endpoint:
+        # Multi-node: every node starts the same image; c10d rendezvous assigns ranks.
+        argv += [
+            "--nnodes",
+            rendezvous.nnodes,
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            rendezvous.endpoint,
+            "--rdzv-id",
+            rendezvous.run_id,
+        ]
+    else:
+        # Single node: loopback rendezvous. A bare torchrun looks itself up by hostname, which
+        # times out in containers without a network.
+        argv += ["--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", str(master_port)]
+    # Restarts are the supervisor's job: it picks a trusted checkpoint before each relaunch.
+    argv += ["--max-restarts", "0", "-m", WORKER_MODULE, *worker_args]
+    return argv
+
+
+def build_launch(
+    plan: Plan,
+    attempt: int,
+    run_file: Path,
+    attempt_dir: Path,
+    master_port: int,
+    base_env: Mapping[str, str],
+) -> LaunchSpec:
+    env = {**DEFAULT_ENV, **base_env}
+    env["FT_ATTEMPT"] = str(attempt)
+    argv = torchrun_argv(plan.nproc, plan.rendezvous, master_port, [str(run_file)])
+    return LaunchSpec(argv=argv, env=env, cwd=plan.workdir, run_file=run_file, attempt_dir=attempt_dir)

@@ -1,0 +1,221 @@
+"""The program torchrun starts on every rank: LlamaFactory's training entry point plus the appliance's
+callback (checkpoint markers, progress, graceful stop).
+
+Runs as `python -m ft_appliance.worker RUN_FILE`, where RUN_FILE is the JSON written by the
+supervisor: {"args": {...LlamaFactory args...}, "state_dir": ..., "attempt": N}.
+It talks to the supervisor only through files in state_dir and its exit code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from . import statefiles
+
+# Exit code of a worker that stopped on request after saving (EX_TEMPFAIL: try again later).
+WORKER_EXIT_STOPPED = 75
+
+
+class StopRequested(Exception):
+    """Raised inside the Trainer once the stop checkpoint is on disk; unwinds training cleanly."""
+
+
+class StopFlag:
+    def __init__(self) -> None:
+        self.signum = 0
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+
+
+def allow_cpu_device_tags() -> None:
+    """Let torch.load restore storages tagged `cpu:N`.
+
+    accelerate gives every CPU process the device `cpu:0`, the Trainer loads optimizer.pt with that
+    as map_location, and torch's CPU deserializer accepts only `cpu`, so multi-process CPU resume
+    fails upstream ("don't know how to restore data location ... (tagged with cpu:0)").
+    """
+    import torch.serialization
+
+    def tag(_obj: Any) -> None:
+        return None
+
+    def restore(obj: Any, location: str) -> Any:
+        return obj if location.startswith("cpu:") else None
+
+    torch.serialization.register_package(11, tag, restore)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def build_callback(state_dir: Path, attempt: int, stop: StopFlag) -> Any:
+    """The appliance's TrainerCallback (defined here so transformers is imported only in workers)."""
+    import torch
+    import torch.distributed as dist
+    from transformers import TrainerCallback
+
+    rank = _rank()
+
+    class ApplianceCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.tokens = 0.0
+            self.stopping = False
+            self.first_step = True
+            self.step_started = time.monotonic()
+            self._reduce_device: Any = None
+
+        # --- tokens: count real (non-padding) tokens ourselves; the Trainer's counter includes
+        # padding under packing and overflows under neat_packing.
+        def _count_tokens(self, _module: Any, args: tuple, kwargs: dict) -> None:
+            mask = kwargs.get("attention_mask")
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if mask is not None and hasattr(mask, "dim") and mask.dim() == 2:
+                self.tokens += float((mask > 0).sum())
+            elif ids is not None and hasattr(ids, "numel"):
+                self.tokens += float(ids.numel())
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
+            if model is not None:
+                model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
+            if stop.signum:
+                raise StopRequested(f"stop requested before step {state.global_step + 1}")
+            self.step_started = time.monotonic()
+            if rank == 0:
+                statefiles.append_jsonl(
+                    state_dir / statefiles.EVENTS,
+                    {
+                        "event": "train_begin",
+                        "attempt": attempt,
+                        "step": state.global_step,
+                        "max_steps": state.max_steps,
+                        "time": time.time(),
+                    },
+                )
+
+        def _all_reduce(self, values: list[float]) -> list[float]:
+            if not (dist.is_available() and dist.is_initialized()):
+                return values
+            if self._reduce_device is None:
+                backend = dist.get_backend()
+                self._reduce_device = (
+                    torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+                )
+            t = torch.tensor(values, dtype=torch.float64, device=self._reduce_device)
+            dist.all_reduce(t)
+            return t.tolist()
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            # One small all-reduce per step: every rank agrees on a stop at the same step boundary.
+            stop_votes, tokens = self._all_reduce([1.0 if stop.signum else 0.0, self.tokens])
+            self.tokens = 0.0
+            now = time.monotonic()
+            if rank == 0:
+                statefiles.append_jsonl(
+                    state_dir / statefiles.STEPS,
+                    {
+                        "attempt": attempt,
+                        "step": state.global_step,
+                        "max_steps": state.max_steps,
+                        "tokens": int(tokens),
+                        "seconds": round(now - self.step_started, 4),
+                        "time": time.time(),
+                        "first": self.first_step,
+                    },
+                )
+            self.first_step = False
+            self.step_started = now
+            if stop_votes > 0 and not self.stopping:
+                self.stopping = True
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if rank == 0 and logs:
+                record = {"attempt": attempt, "step": state.global_step, "time": time.time()}
+                record.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
+                statefiles.append_jsonl(state_dir / statefiles.LOG, record)
+
+        def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
+            ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            # Every rank has finished writing its part of the checkpoint once all pass the barrier.
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+            if rank == 0 and ckpt.is_dir():
+                statefiles.write_marker(ckpt, step=state.global_step, world_size=args.world_size)
+            if self.stopping:
+                if rank == 0:
+                    statefiles.write_json(
+                        state_dir / statefiles.STOPPED,
+                        {"attempt": attempt, "step": state.global_step, "checkpoint": str(ckpt), "time": time.time()},
+                    )
+                if dist.is_available() and dist.is_initialized():
+                    dist.barrier()
+                raise StopRequested(f"stopped after saving {ckpt}")
+            return control
+
+    return ApplianceCallback()
+
+
+def _write_failure(state_dir: Path, attempt: int, exc: BaseException, phase: str) -> None:
+    record = {
+        "attempt": attempt,
+        "rank": _rank(),
+        "type": type(exc).__name__,
+        "message": str(exc).strip().splitlines()[0][:500] if str(exc).strip() else "",
+        "phase": phase,
+        "traceback": "".join(traceback.format_exception(exc))[-4000:],
+        "time": time.time(),
+    }
+    statefiles.write_json(state_dir / "attempts" / str(attempt) / f"failure-rank{_rank()}.json", record)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    run = json.loads(Path(argv[0]).read_text())
+    state_dir = Path(run["state_dir"])
+    attempt = int(run["attempt"])
+    args: dict[str, Any] = run["args"]
+
+    stop = StopFlag()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
+
+    allow_cpu_device_tags()
+    callback = build_callback(state_dir, attempt, stop)
+    from llamafactory.train.tuner import run_exp
+
+    try:
+        run_exp(args=args, callbacks=[callback])
+    except StopRequested as exc:
+        print(f"[ft-appliance worker rank {_rank()}] {exc}", flush=True)
+        if _rank() == 0 and not (state_dir / statefiles.STOPPED).exists():
+            statefiles.write_json(
+                state_dir / statefiles.STOPPED, {"attempt": attempt, "step": None, "time": time.time()}
+            )
+        return WORKER_EXIT_STOPPED
+    except BaseException as exc:  # recorded for the supervisor's retry decision, then re-raised
+        phase = "train" if (state_dir / statefiles.STEPS).exists() and _started(state_dir, attempt) else "setup"
+        _write_failure(state_dir, attempt, exc, phase)
+        raise
+    if _rank() == 0:
+        statefiles.write_json(state_dir / statefiles.COMPLETED, {"attempt": attempt, "time": time.time()})
+    return 0
+
+
+def _started(state_dir: Path, attempt: int) -> bool:
+    last = statefiles.last_jsonl(state_dir / statefiles.STEPS)
+    return bool(last and last.get("attempt") == attempt)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
