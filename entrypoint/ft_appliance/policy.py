@@ -86,7 +86,10 @@ RESOURCE_ERRORS = frozenset({"OutOfMemoryError"})
 
 def classify(outcome: AttemptOutcome, history: Sequence[AttemptOutcome], crash_loop_limit: int) -> Verdict:
     """history: earlier attempts of this run, oldest first (not including outcome)."""
-    if outcome.completed and outcome.exit_code == 0:
+    if outcome.completed:
+        # Rank 0 wrote the completion record after training and the final save returned; a rank
+        # dying in interpreter teardown afterwards must not turn a finished run into a retry
+        # (which would train past the end and overwrite the results).
         return Verdict.SUCCESS
     if outcome.stop_requested:
         return Verdict.STOPPED

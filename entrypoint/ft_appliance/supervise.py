@@ -302,6 +302,8 @@ class Supervisor:
         )
 
     def attempt_once(self) -> None:
+        if self.history and is_finished(self.out):
+            return  # never relaunch a finished run: it would train past the end and overwrite results
         outcome = self.run_attempt()
         verdict = policy.classify(outcome, self.history, self.plan.retry.crash_loop_limit)
         self.history.append(outcome)

@@ -212,10 +212,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit_now(code: int) -> None:
+    """Leave without interpreter teardown: after training, gloo's threads sometimes abort the process
+    at exit ("terminate called without an active exception", SIGABRT), turning a finished run into
+    a failed rank. Everything worth keeping is already on disk and flushed."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def _started(state_dir: Path, attempt: int) -> bool:
     last = statefiles.last_jsonl(state_dir / statefiles.STEPS)
     return bool(last and last.get("attempt") == attempt)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit_now(main())

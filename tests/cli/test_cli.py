@@ -1,0 +1,88 @@
+"""The CLI's contract: help everywhere, FT_* mirrors, one line and a distinct exit code per bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ft_appliance.cli import cli
+from tests.helpers import run_cli
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["demo"], ["status"]])
+def test_help_everywhere(command: list[str]) -> None:
+    res = CliRunner().invoke(cli, [*command, "--help"])
+    assert res.exit_code == 0
+    assert "Usage:" in res.output
+
+
+def test_help_lists_env_vars_and_exit_codes() -> None:
+    out = CliRunner().invoke(cli, ["train", "--help"]).output
+    for var in ("FT_NPROC", "FT_MAX_RESTARTS", "FT_STOP_GRACE_S", "FT_HANG_TIMEOUT_S", "FT_CONFIG", "FT_JSON"):
+        assert var in out or var == "FT_CONFIG"
+    assert "143" in out and "stopped by SIGTERM" in out
+
+
+def _one_error_line(res) -> str:
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines, res.stdout
+    assert "Traceback" not in res.stderr
+    assert len(lines) == 1, res.stderr
+    return lines[0]
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    res = run_cli("train", str(tmp_path / "nope.yaml"), "--nproc", "1")
+    assert res.returncode == 3
+    line = _one_error_line(res)
+    assert line.startswith("ft-appliance: error: config file") and "nope.yaml does not exist" in line
+
+
+def test_default_config_from_env(tmp_path: Path) -> None:
+    res = run_cli("train", "--nproc", "1", env={"FT_CONFIG": str(tmp_path / "env.yaml")})
+    assert res.returncode == 3
+    assert "env.yaml does not exist" in _one_error_line(res)
+
+
+def test_unreadable_yaml(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("model_name_or_path: x\n  lora_rank: [\n")
+    res = run_cli("train", str(cfg), "--nproc", "1")
+    assert res.returncode == 3
+    assert "bad.yaml is not valid YAML at line 2" in _one_error_line(res)
+
+
+def test_unknown_key_with_suggestion_before_any_process_starts(make_config) -> None:
+    cfg = make_config(lora_rnak=8)
+    res = run_cli("train", str(cfg), "--nproc", "2")
+    assert res.returncode == 3
+    assert "unknown key 'lora_rnak': did you mean 'lora_rank'?" in _one_error_line(res)
+    out = Path(__import__("yaml").safe_load(cfg.read_text())["output_dir"])
+    assert not (out / ".ft").exists()  # nothing was launched
+
+
+def test_override_type_error(make_config) -> None:
+    res = run_cli("train", str(make_config()), "bf16=maybe", "--nproc", "1")
+    assert res.returncode == 3
+    assert "bf16 is the string 'maybe' but must be true or false" in _one_error_line(res)
+
+
+def test_no_gpu_and_no_nproc_says_how_to_fix(make_config) -> None:
+    res = run_cli("train", str(make_config()), env={"CUDA_VISIBLE_DEVICES": ""})
+    assert res.returncode == 4
+    line = _one_error_line(res)
+    assert "no GPU visible" in line and "--gpus all" in line and "--nproc" in line
+
+
+def test_nproc_env_mirror_is_validated(make_config) -> None:
+    res = run_cli("train", str(make_config()), env={"FT_NPROC": "0"})
+    assert res.returncode == 2
+    assert "FT_NPROC" in res.stderr or "--nproc" in res.stderr
+
+
+def test_status_without_state(tmp_path: Path) -> None:
+    res = run_cli("status", str(tmp_path))
+    assert res.returncode == 3
+    assert "no run state" in _one_error_line(res)

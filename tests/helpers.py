@@ -1,0 +1,124 @@
+"""Helpers for tests that run the real CLI, real torchrun and real LlamaFactory on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psutil
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def offline_env(hf_home: Path) -> dict[str, str]:
+    return {
+        "HF_HOME": str(hf_home),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def write_config(demo_root: Path, tmp: Path, name: str = "run", **overrides: Any) -> Path:
+    from ft_appliance.demo import demo_config
+
+    cfg = demo_config(demo_root)
+    cfg["output_dir"] = str(tmp / "output" / name)
+    cfg.update(overrides)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def cli_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ft_appliance", *args]
+
+
+def run_cli(*args: str, timeout: float = 600, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cli_argv(*args), capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
+def start_cli(*args: str, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    fh = open(log, "w")  # noqa: SIM115 - closed with the process by the caller's wait
+    return subprocess.Popen(
+        cli_argv(*args), stdout=fh, stderr=subprocess.STDOUT, text=True, env={**os.environ, **(env or {})}
+    )
+
+
+def state_dir(output_dir: Path) -> Path:
+    return output_dir / ".ft"
+
+
+def steps(output_dir: Path) -> list[dict[str, Any]]:
+    from ft_appliance.statefiles import read_jsonl
+
+    return read_jsonl(state_dir(output_dir) / "steps.jsonl")
+
+
+def last_step(output_dir: Path) -> int:
+    s = steps(output_dir)
+    return int(s[-1]["step"]) if s else 0
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.02, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+
+
+def training_processes(output_dir: Path) -> list[psutil.Process]:
+    """torchrun and worker processes of this run (found by the run file in their command line)."""
+    marker = str(state_dir(output_dir) / "attempts")
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = " ".join(p.info["cmdline"] or [])
+        except psutil.Error:
+            continue
+        if marker in cmd and "ft_appliance.worker" in cmd:
+            found.append(p)
+    return found
+
+
+def kill_training(output_dir: Path, sig: int = signal.SIGKILL) -> int:
+    procs = training_processes(output_dir)
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.Error:
+            pass
+    return len(procs)
+
+
+def status(output_dir: Path) -> dict[str, Any]:
+    return json.loads((state_dir(output_dir) / "status.json").read_text())
+
+
+def trainer_state(path: Path) -> dict[str, Any]:
+    return json.loads((path / "trainer_state.json").read_text())
+
+
+def read_adapter(output_dir: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(output_dir / "adapter_model.safetensors"))
+
+
+def max_abs_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
