@@ -1,0 +1,53 @@
+# ft-appliance developer targets. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+IMAGE ?= ft-appliance
+DATA ?= $(CURDIR)/data
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "} {printf "  %-12s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: docker/lock/common.txt docker/lock/cpu.txt docker/lock/test.txt pyproject.toml docker/install-stack.sh
+	$(PYTHON) -m venv $(VENV)
+	. $(VENV)/bin/activate && docker/install-stack.sh cpu && \
+	  python -m pip install --disable-pip-version-check --no-deps -r docker/lock/test.txt && \
+	  python -m pip install --disable-pip-version-check --no-deps -e .
+	touch $@
+
+.PHONY: venv
+venv: $(VENV)/.installed ## Create or reuse .venv with the pinned CPU stack
+
+.PHONY: demo
+demo: venv ## Build the tiny model and run the CPU demo (2 processes) in ./ft-demo
+	$(VENV)/bin/ft-appliance demo ft-demo
+
+.PHONY: test
+test: venv ## Run the test suite (real LlamaFactory on CPU; container tests need Docker)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+.PHONY: lint
+lint: venv ## ruff check and format check
+	$(VENV)/bin/ruff check entrypoint tests
+	$(VENV)/bin/ruff format --check entrypoint tests
+
+.PHONY: soak
+soak: venv ## Crash-resume soak on the demo: random SIGKILLs and SIGTERMs vs an uninterrupted run
+	$(VENV)/bin/ft-appliance soak --kills 6 --terms 2 --seed 1 ft-soak
+
+.PHONY: build
+build: ## Build the GPU image ($(IMAGE))
+	docker build -t $(IMAGE) .
+
+.PHONY: run
+run: ## Run the image on every GPU with $(DATA) as /data
+	docker run --rm --gpus all --init --ipc host -v $(DATA):/data $(IMAGE)
+
+.PHONY: clean
+clean: ## Remove the venv, the demo and caches (never touches $(DATA))
+	rm -rf $(VENV) ft-demo ft-soak .pytest_cache .ruff_cache
