@@ -11,7 +11,7 @@ lock="$here/lock"
 pip=(python -m pip install --disable-pip-version-check)
 
 # 1. The torch pair, resolved with its own dependencies (CUDA libraries for gpu).
-"${pip[@]}" "$@" -r "$lock/$variant.txt"
+"${pip[@]}" "$@" -c "$lock/common.txt" -r "$lock/$variant.txt"
 # 2. Everything else, fully pinned, without a second resolver pass pulling extras.
 DS_BUILD_OPS=0 "${pip[@]}" "$@" --no-deps --no-build-isolation -r "$lock/common.txt"
 

@@ -126,7 +126,11 @@ def judge(ckpt: Path) -> tuple[bool, str, bool]:
 
 
 def scan(output_dir: Path) -> list[Candidate]:
-    """Every checkpoint-N directory, oldest first, judged."""
+    """Every checkpoint-N directory, oldest first, judged.
+
+    Once the appliance has marked a checkpoint of this run, a newer one without a marker is a save
+    that did not finish on every rank, whatever its files look like: the marker is the signal.
+    """
     if not output_dir.is_dir():
         return []
     found = []
@@ -135,7 +139,16 @@ def scan(output_dir: Path) -> list[Candidate]:
         if m and child.is_dir():
             complete, reason, marked = judge(child)
             found.append(Candidate(child, int(m.group(1)), complete, reason, marked))
-    return sorted(found, key=lambda c: c.step)
+    found.sort(key=lambda c: c.step)
+    newest_marked = max((c.step for c in found if c.marked), default=None)
+    if newest_marked is not None:
+        found = [
+            Candidate(c.path, c.step, False, "no completion marker (the save was interrupted)", False)
+            if c.complete and not c.marked and c.step > newest_marked
+            else c
+            for c in found
+        ]
+    return found
 
 
 def set_aside(candidate: Candidate, output_dir: Path) -> Path:

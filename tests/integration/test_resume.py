@@ -1,0 +1,278 @@
+"""Crash-resume with real processes and real signals: SIGKILL mid-step and mid-save, torn checkpoints,
+finished runs, SIGTERM, crash loops, hangs, and bit-exact continuation. 2 CPU processes throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from ft_appliance import statefiles
+from tests.helpers import (
+    kill_training,
+    last_step,
+    max_abs_diff,
+    read_adapter,
+    run_cli,
+    start_cli,
+    status,
+    steps,
+    trainer_state,
+    training_processes,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+FAST = ["--nproc", "2", "--backoff", "0.2"]
+
+
+def output_dir(cfg: Path) -> Path:
+    return Path(yaml.safe_load(cfg.read_text())["output_dir"])
+
+
+def resumed_from(out: Path, attempt: int) -> str | None:
+    run = json.loads((out / ".ft" / "attempts" / str(attempt) / "run.json").read_text())
+    ckpt = run["args"].get("resume_from_checkpoint")
+    return Path(ckpt).name if ckpt else None
+
+
+def marked_steps(out: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("-")[1]) for p in out.glob(f"checkpoint-*/{statefiles.MARKER}"))
+
+
+def attempts(out: Path) -> list[str]:
+    return sorted((out / ".ft" / "attempts").iterdir(), key=lambda p: int(p.name))
+
+
+def assert_no_training_processes(out: Path) -> None:
+    wait_for(lambda: not training_processes(out), 15, what="no training process left")
+
+
+def test_sigkill_of_a_worker_mid_step_restarts_from_newest_complete(make_config, tmp_path: Path) -> None:
+    cfg = make_config("kill-step", max_steps=120, save_steps=10, logging_steps=10)
+    out = output_dir(cfg)
+    proc = start_cli("train", str(cfg), *FAST, log=tmp_path / "log")
+    wait_for(lambda: last_step(out) >= 25, 120, what="step 25")
+    # A rank dies mid-step (OOM killer, segfault): torchrun takes the group down, the supervisor restarts.
+    rank1 = [p for p in training_processes(out) if "torch.distributed.run" not in " ".join(p.cmdline())]
+    killed_at = last_step(out)
+    rank1[-1].send_signal(signal.SIGKILL)
+    assert proc.wait(240) == 0, (tmp_path / "log").read_text()[-3000:]
+
+    newest_complete = max(s for s in marked_steps(out) if s <= killed_at + 1)
+    assert resumed_from(out, 2) in {f"checkpoint-{newest_complete}", f"checkpoint-{newest_complete - 10}"}
+    st = status(out)
+    assert st["state"] == "finished" and st["restarts"] == 1
+    assert len(st["steps_lost"]) == 1 and 0 <= st["steps_lost"][0] <= 10
+    assert trainer_state(out)["global_step"] == 120
+    log = (tmp_path / "log").read_text()
+    assert "restart 1/3" in log and "resuming from checkpoint-" in log
+    assert_no_training_processes(out)
+
+
+def _stop_in_save(out: Path, save_steps: int, max_steps: int) -> int | None:
+    """Freeze the whole tree the moment a new checkpoint directory appears, before its marker.
+
+    Returns the step of the checkpoint caught mid-save, or None when every save finished first."""
+    for step in range(2 * save_steps, max_steps, save_steps):  # the first save has nothing to fall back on
+        ckpt = out / f"checkpoint-{step}"
+        deadline = time.monotonic() + 60
+        while not ckpt.exists():
+            if time.monotonic() > deadline:
+                return None
+        procs = training_processes(out)
+        for p in procs:
+            try:
+                p.suspend()
+            except psutil.Error:
+                pass
+        if not (ckpt / statefiles.MARKER).exists():
+            return step
+        for p in procs:
+            try:
+                p.resume()
+            except psutil.Error:
+                pass
+    return None
+
+
+def test_sigkill_of_the_whole_tree_mid_save_then_a_new_start(make_config, tmp_path: Path) -> None:
+    """`docker kill` during a checkpoint save: everything dies, a new container starts on the volume."""
+    cfg = make_config("kill-save", max_steps=60, save_steps=5, logging_steps=5)
+    out = output_dir(cfg)
+    sup = start_cli("train", str(cfg), *FAST, log=tmp_path / "log1")
+    wait_for(lambda: (out / ".ft" / "steps.jsonl").exists(), 120, what="first step")
+    caught = _stop_in_save(out, 5, 60)
+    assert caught is not None, "no save was caught in flight"
+    tree = training_processes(out)
+    sup.kill()
+    for p in tree:
+        p.kill()
+    sup.wait(30)
+    assert_no_training_processes(out)
+    assert not (out / f"checkpoint-{caught}" / statefiles.MARKER).exists()
+
+    res = run_cli("train", str(cfg), *FAST, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"set aside checkpoint-{caught}" in res.stdout
+    assert resumed_from(out, 2) == f"checkpoint-{caught - 5}"
+    aside = list((out / "ft-set-aside").iterdir())
+    assert len(aside) == 1 and aside[0].name.startswith(f"checkpoint-{caught}.")
+    assert trainer_state(out)["global_step"] == 60
+
+
+def _crashed_run(make_config, tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """A run killed (whole tree, SIGKILL) after checkpoint-20 was marked, stopped short of 40 steps."""
+    cfg = make_config(name, max_steps=40, save_steps=10, logging_steps=10)
+    out = output_dir(cfg)
+    sup = start_cli("train", str(cfg), *FAST, log=tmp_path / f"{name}.log")
+    wait_for(lambda: (out / "checkpoint-20" / statefiles.MARKER).exists(), 180, what="checkpoint-20")
+    tree = training_processes(out)
+    for p in tree:
+        p.suspend()
+    sup.kill()
+    for p in tree:
+        p.kill()
+    sup.wait(30)
+    assert_no_training_processes(out)
+    return cfg, out
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("empty", "empty directory"),
+        ("truncated", "optimizer.pt changed size"),
+        ("missing", "trainer_state.json listed in the marker is missing"),
+    ],
+)
+def test_torn_newest_checkpoint_is_set_aside(make_config, tmp_path: Path, damage: str, reason: str) -> None:
+    cfg, out = _crashed_run(make_config, tmp_path, f"torn-{damage}")
+    newest = max(marked_steps(out))
+    ckpt = out / f"checkpoint-{newest}"
+    if damage == "empty":
+        ckpt = out / f"checkpoint-{newest + 10}"
+        ckpt.mkdir()
+    elif damage == "truncated":
+        opt = ckpt / "optimizer.pt"
+        opt.write_bytes(opt.read_bytes()[:100])
+    else:
+        (ckpt / "trainer_state.json").unlink()
+    res = run_cli("train", str(cfg), *FAST, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"set aside {ckpt.name}: {reason}" in res.stdout
+    expected = newest if damage == "empty" else newest - 10
+    assert resumed_from(out, 2) == f"checkpoint-{expected}"
+    assert trainer_state(out)["global_step"] == 40
+    assert any(p.name.startswith(ckpt.name + ".") for p in (out / "ft-set-aside").iterdir())
+
+
+def test_relaunching_a_finished_run_touches_nothing(make_config) -> None:
+    cfg = make_config("done", max_steps=10, save_steps=5)
+    out = output_dir(cfg)
+    assert run_cli("train", str(cfg), *FAST, timeout=300).returncode == 0
+    before = {p: p.read_bytes() for p in [out / "all_results.json", out / "adapter_model.safetensors"]}
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    res = run_cli("train", str(cfg), *FAST, timeout=120)
+    assert res.returncode == 0
+    assert "holds a finished run: nothing to do" in res.stdout
+    assert all(p.read_bytes() == b for p, b in before.items())
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == mtimes
+    assert len(attempts(out)) == 1
+
+
+def test_sigterm_saves_a_checkpoint_and_resumes_with_zero_lost_steps(make_config, tmp_path: Path) -> None:
+    cfg = make_config("term", max_steps=80, save_steps=50, logging_steps=10)
+    out = output_dir(cfg)
+    sup = start_cli("train", str(cfg), *FAST, log=tmp_path / "log")
+    wait_for(lambda: last_step(out) >= 13, 120, what="step 13")
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(120) == 143, (tmp_path / "log").read_text()[-3000:]
+    stopped = json.loads((out / ".ft" / "stopped.json").read_text())
+    s = stopped["step"]
+    assert 13 <= s < 50  # a checkpoint between regular saves
+    assert (out / f"checkpoint-{s}" / statefiles.MARKER).exists()
+    assert last_step(out) == s  # no step beyond the checkpoint
+    assert_no_training_processes(out)
+    assert status(out)["state"] == "stopped"
+    assert f"stopped after saving checkpoint-{s}" in (tmp_path / "log").read_text()
+
+    res = run_cli("train", str(cfg), *FAST, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert resumed_from(out, 2) == f"checkpoint-{s}"
+    second = [r["step"] for r in steps(out) if r["attempt"] == 2]
+    assert second[0] == s + 1  # zero lost steps
+    assert trainer_state(out)["global_step"] == 80
+
+
+def test_crash_loop_is_detected_and_stopped(make_config, tmp_path: Path) -> None:
+    cfg = make_config("loop", max_steps=40, save_steps=10)
+    out = output_dir(cfg)
+    done = threading.Event()
+
+    def kill_every_launch() -> None:  # every attempt dies before its first step
+        while not done.is_set():
+            kill_training(out)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_every_launch, daemon=True)
+    killer.start()
+    try:
+        res = run_cli("train", str(cfg), "--nproc", "2", "--backoff", "0", "--max-restarts", "10",
+                      "--crash-loop-limit", "3", timeout=300)
+    finally:
+        done.set()
+        killer.join()
+    assert res.returncode == 7, res.stdout[-2000:] + res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "crash loop: 3 attempts in a row failed at step 0 without progress" in lines[0]
+    assert len(attempts(out)) == 3
+    assert status(out)["state"] == "failed"
+
+
+def test_hang_is_detected_killed_and_restarted(make_config, tmp_path: Path) -> None:
+    cfg = make_config("hang", max_steps=60, save_steps=10, logging_steps=10)
+    out = output_dir(cfg)
+    sup = start_cli("train", str(cfg), *FAST, "--hang-timeout", "4", log=tmp_path / "log")
+    wait_for(lambda: last_step(out) >= 15, 120, what="step 15")
+    frozen = training_processes(out)
+    for p in frozen:
+        p.suspend()  # a deadlocked collective looks like this from outside: alive, no progress
+    assert sup.wait(240) == 0, (tmp_path / "log").read_text()[-3000:]
+    log = (tmp_path / "log").read_text()
+    assert "hang: no progress for" in log
+    outcome = json.loads((out / ".ft" / "attempts" / "1" / "outcome.json").read_text())
+    assert outcome["hung"] is True
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in frozen)
+    assert trainer_state(out)["global_step"] == 60
+
+
+def test_resumed_run_equals_uninterrupted_run_exactly(make_config, tmp_path: Path) -> None:
+    ref_cfg = make_config("reference", max_steps=40, save_steps=10, logging_steps=10)
+    assert run_cli("train", str(ref_cfg), *FAST, timeout=300).returncode == 0
+    cfg, out = _crashed_run(make_config, tmp_path, "interrupted")
+    res = run_cli("train", str(cfg), *FAST, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ref = output_dir(ref_cfg)
+    assert max_abs_diff(read_adapter(ref), read_adapter(out)) == 0.0
+    ref_losses = {e["step"]: e["loss"] for e in trainer_state(ref)["log_history"] if "loss" in e}
+    losses = {e["step"]: e["loss"] for e in trainer_state(out)["log_history"] if "loss" in e}
+    assert losses and all(ref_losses[s] == v for s, v in losses.items())
+
+
+def test_error_retrying_cannot_fix_is_not_retried(make_config) -> None:
+    cfg = make_config("fatal", template="no_such_template")
+    out = output_dir(cfg)
+    res = run_cli("train", str(cfg), *FAST, timeout=300)
+    assert res.returncode == 5, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "training failed: ValueError" in lines[0] and "not retried" in lines[0]
+    assert len(attempts(out)) == 1
