@@ -82,17 +82,9 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
 
 
 def training_processes(output_dir: Path) -> list[psutil.Process]:
-    """torchrun and worker processes of this run (found by the run file in their command line)."""
-    marker = str(state_dir(output_dir) / "attempts")
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            cmd = " ".join(p.info["cmdline"] or [])
-        except psutil.Error:
-            continue
-        if marker in cmd and "ft_appliance.worker" in cmd:
-            found.append(p)
-    return found
+    from ft_appliance.soak import training_processes as find
+
+    return find(output_dir)
 
 
 def kill_training(output_dir: Path, sig: int = signal.SIGKILL) -> int:

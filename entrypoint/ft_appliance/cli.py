@@ -240,6 +240,109 @@ def demo(directory: Path, max_steps: int, save_steps: int, **kw: Any) -> None:
     run_training(plan, kw["json_mode"])
 
 
+@cli.command(epilog=EPILOG)
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=Path("ft-soak"), required=False)
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="FT_CONFIG",
+    show_envvar=True,
+    help="LlamaFactory YAML to soak (needs max_steps) [default: the demo config].",
+)
+@click.option(
+    "--kills",
+    type=click.IntRange(min=0),
+    default=6,
+    show_default=True,
+    envvar="FT_SOAK_KILLS",
+    show_envvar=True,
+    help="SIGKILLs of the whole process tree (some timed to land in a save).",
+)
+@click.option(
+    "--terms",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    envvar="FT_SOAK_TERMS",
+    show_envvar=True,
+    help="SIGTERMs (graceful stops).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    envvar="FT_SOAK_SEED",
+    show_envvar=True,
+    help="Seed of the random kill schedule.",
+)
+@click.option(
+    "--max-steps",
+    type=click.IntRange(min=5),
+    default=60,
+    show_default=True,
+    help="Steps of the demo run (ignored with --config).",
+)
+@click.option(
+    "--save-steps",
+    type=click.IntRange(min=1),
+    default=5,
+    show_default=True,
+    help="Checkpoint interval of the demo run (ignored with --config).",
+)
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    envvar="FT_NPROC",
+    show_envvar=True,
+    help="Training processes.",
+)
+@click.option("--json", "json_mode", is_flag=True, envvar="FT_JSON", show_envvar=True, help="Print JSON.")
+def soak(
+    directory: Path,
+    config: Path | None,
+    kills: int,
+    terms: int,
+    seed: int,
+    max_steps: int,
+    save_steps: int,
+    nproc: int,
+    json_mode: bool,
+) -> None:
+    """Kill and stop a run at random, then compare it with an uninterrupted run of the same seed.
+
+    Each SIGKILL takes down the supervisor and every training process (as `docker kill` or a host
+    crash would) and a new `ft-appliance train` starts on the same output; each SIGTERM must save
+    and lose no step. Checks: the newest complete checkpoint is always the one resumed, steps lost
+    per kill never exceed save_steps, the run finishes at max_steps, and the final adapter equals
+    the uninterrupted run's. Works in DIRECTORY (default ./ft-soak), which it does not clean.
+    """
+    from .config import read_yaml
+    from .soak import SoakRunner, format_table
+
+    echo = _echo_to(json_mode)
+    directory = directory.resolve()
+    if config is None:
+        from .demo import build_demo
+
+        config = build_demo(directory, max_steps=max_steps, save_steps=save_steps)
+    args = read_yaml(config)
+    if not isinstance(args.get("max_steps"), int) or args["max_steps"] < 5:
+        raise ConfigError(f"{config}: soak needs a fixed max_steps (5 or more) to compare runs")
+    runner = SoakRunner(config, directory / "soak", nproc, seed, lambda m: echo(f"[soak] {m}"))
+    (directory / "soak").mkdir(parents=True, exist_ok=True)
+    report = runner.run(kills, terms)
+    for line in format_table(report):
+        echo(line)
+    if json_mode:
+        click.echo(json.dumps(report.to_dict()))
+    if not report.ok:
+        raise ApplianceError("soak failed: " + "; ".join(report.failures))
+
+
 @cli.command()
 @click.argument("target", type=click.Path(path_type=Path), envvar="FT_CONFIG", default=DEFAULT_CONFIG, required=False)
 @click.option("--json", "json_mode", is_flag=True, envvar="FT_JSON", show_envvar=True, help="Print JSON.")

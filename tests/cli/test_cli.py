@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from ft_appliance.cli import cli
+
 from tests.helpers import run_cli
 
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-
 from ft_appliance import statefiles
+
 from tests.helpers import (
     kill_training,
     last_step,
@@ -226,8 +226,19 @@ def test_crash_loop_is_detected_and_stopped(make_config, tmp_path: Path) -> None
     killer = threading.Thread(target=kill_every_launch, daemon=True)
     killer.start()
     try:
-        res = run_cli("train", str(cfg), "--nproc", "2", "--backoff", "0", "--max-restarts", "10",
-                      "--crash-loop-limit", "3", timeout=300)
+        res = run_cli(
+            "train",
+            str(cfg),
+            "--nproc",
+            "2",
+            "--backoff",
+            "0",
+            "--max-restarts",
+            "10",
+            "--crash-loop-limit",
+            "3",
+            timeout=300,
+        )
     finally:
         done.set()
         killer.join()

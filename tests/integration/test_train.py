@@ -52,8 +52,13 @@ def test_demo_command_builds_layout_and_trains(tmp_path: Path) -> None:
     root = tmp_path / "demo"
     res = run_cli("demo", str(root), "--max-steps", "10", "--save-steps", "5", timeout=300)
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-3000:]
-    for sub in ("configs/train.yaml", "datasets/dataset_info.json", "models/tiny-llama/config.json",
-                "models/tiny-llama/tokenizer.json", "output/demo-lora/adapter_model.safetensors"):
+    for sub in (
+        "configs/train.yaml",
+        "datasets/dataset_info.json",
+        "models/tiny-llama/config.json",
+        "models/tiny-llama/tokenizer.json",
+        "output/demo-lora/adapter_model.safetensors",
+    ):
         assert (root / sub).exists(), sub
     assert "finished: 10/10 steps" in res.stdout
     assert "adapter_model.safetensors" in res.stdout

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from ft_appliance import checkpoints, statefiles
 from ft_appliance.policy import choose_resume
+from safetensors.torch import save_file
 
 
 def make_ckpt(out: Path, step: int, *, marker: bool = False) -> Path:

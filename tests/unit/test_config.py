@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from ft_appliance.config import apply_policy, build_plan, parse_overrides, read_yaml
 from ft_appliance.errors import ConfigError
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from ft_appliance.config import Plan, Rendezvous
 from ft_appliance.launch import DEFAULT_ENV, build_launch, torchrun_argv
 
@@ -32,8 +31,9 @@ def test_multi_node_command_uses_c10d_rendezvous() -> None:
 
 def test_launch_env_defaults_and_user_env_wins(tmp_path: Path) -> None:
     plan = Plan(tmp_path / "c.yaml", {"output_dir": str(tmp_path)}, tmp_path, 2, tmp_path)
-    spec = build_launch(plan, 3, tmp_path / "run.json", tmp_path / "a", 1234,
-                        {"PYTORCH_CUDA_ALLOC_CONF": "mine", "PATH": "/bin"})
+    spec = build_launch(
+        plan, 3, tmp_path / "run.json", tmp_path / "a", 1234, {"PYTORCH_CUDA_ALLOC_CONF": "mine", "PATH": "/bin"}
+    )
     assert spec.env["PYTORCH_CUDA_ALLOC_CONF"] == "mine"
     assert spec.env["TORCH_NCCL_AVOID_RECORD_STREAMS"] == DEFAULT_ENV["TORCH_NCCL_AVOID_RECORD_STREAMS"]
     assert spec.env["FT_ATTEMPT"] == "3"

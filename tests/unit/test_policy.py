@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from ft_appliance.checkpoints import Candidate
 from ft_appliance.policy import AttemptOutcome, Verdict, WorkerFailure, choose_resume, classify, to_set_aside
 

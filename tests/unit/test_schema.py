@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import pytest
-
 from ft_appliance.demo import demo_config
 from ft_appliance.schema import check_args, load_schema
 
@@ -24,7 +23,10 @@ def test_demo_config_is_valid(schema, tmp_path) -> None:
         ({"bf16": "false"}, "bf16 is the string 'false', which counts as true: write false without quotes"),
         ({"learning_rate": "2.0e-4"}, "learning_rate is the string '2.0e-4': write 2.0e-4 without quotes"),
         ({"stage": "stf"}, "stage is 'stf', not one of pt, sft, rm, ppo, dpo, kto (did you mean 'sft'?)"),
-        ({"finetuning_type": "qlora"}, "finetuning_type is 'qlora', not one of lora, oft, freeze, full (did you mean 'lora'?)"),
+        (
+            {"finetuning_type": "qlora"},
+            "finetuning_type is 'qlora', not one of lora, oft, freeze, full (did you mean 'lora'?)",
+        ),
         ({"max_steps": 10.0}, "max_steps is 10.0 but must be a whole number: write 10"),
         ({"num_train_epochs": "three"}, "num_train_epochs is the string 'three' but must be a number"),
     ],
@@ -36,6 +38,13 @@ def test_bad_values_give_one_clear_line(schema, args, expected) -> None:
 
 
 def test_free_strings_where_llamafactory_takes_them(schema) -> None:
-    ok = {"lr_scheduler_type": "cosine", "save_strategy": "steps", "report_to": "none", "template": "llama3",
-          "lora_target": "all", "num_train_epochs": 3, "learning_rate": 1}
+    ok = {
+        "lr_scheduler_type": "cosine",
+        "save_strategy": "steps",
+        "report_to": "none",
+        "template": "llama3",
+        "lora_target": "all",
+        "num_train_epochs": 3,
+        "learning_rate": 1,
+    }
     assert check_args(ok, schema, "c.yaml") == []

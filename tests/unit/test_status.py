@@ -13,8 +13,12 @@ def test_repeated_steps_after_resume_count_once() -> None:
     # attempt 1 ran steps 1..12 and died; attempt 2 resumed from checkpoint 10 and ran 11..15.
     records = [step(1, n, first=n == 1) for n in range(1, 13)]
     records += [step(2, n, tokens=200, seconds=2.0, first=n == 11) for n in range(11, 16)]
-    logs = [{"attempt": 1, "step": 5, "loss": 3.0}, {"attempt": 1, "step": 10, "loss": 2.5},
-            {"attempt": 1, "step": 12, "loss": 9.9}, {"attempt": 2, "step": 15, "loss": 2.0}]
+    logs = [
+        {"attempt": 1, "step": 5, "loss": 3.0},
+        {"attempt": 1, "step": 10, "loss": 2.5},
+        {"attempt": 1, "step": 12, "loss": 9.9},
+        {"attempt": 2, "step": 15, "loss": 2.0},
+    ]
     p = progress(records, logs)
     assert p is not None
     assert p.step == 15 and p.max_steps == 20
