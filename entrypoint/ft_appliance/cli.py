@@ -7,7 +7,6 @@ domain errors of errors.py to one line and an exit code.
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import click
 
 from . import __version__
 from .config import DEFAULT_CONFIG, Plan, Rendezvous, RetryPolicy, Timeouts, build_plan
-from .errors import ApplianceError, ConfigError, PreflightError, Stopped, exit_code_table
+from .errors import ApplianceError, ConfigError, Stopped, exit_code_table
 
 EPILOG = "Exit codes:\n\n\b\n" + exit_code_table()
 
@@ -29,7 +28,26 @@ def _echo_to(json_mode: bool) -> Callable[[str], None]:
     return echo
 
 
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class ApplianceGroup(click.Group):
+    """Turns domain errors into one line on stderr and their exit code; anything else is a bug and
+    keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Stopped as exc:
+            click.echo(f"ft-appliance: {exc.message}", err=True)
+            ctx.exit(exc.exit_code)
+        except ApplianceError as exc:
+            click.echo(f"ft-appliance: error: {exc.message}", err=True)
+            ctx.exit(exc.exit_code)
+
+
+@click.group(
+    cls=ApplianceGroup,
+    epilog=EPILOG,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="ft-appliance")
 def cli() -> None:
     """Fine-tune LLMs with LlamaFactory under torchrun, with preflight checks and crash-resume.
@@ -132,6 +150,21 @@ def supervisor_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="Working directory of the workers (relative paths in the YAML) [default: current directory].",
         ),
         click.option(
+            "--keep-effective-batch",
+            is_flag=True,
+            envvar="FT_KEEP_EFFECTIVE_BATCH",
+            show_envvar=True,
+            help="When the GPU count differs from the run's start, adjust gradient_accumulation_steps "
+            "so per_device x accumulation x processes stays the same.",
+        ),
+        click.option(
+            "--inventory",
+            type=click.Path(exists=True, dir_okay=False, path_type=Path),
+            envvar="FT_GPU_INVENTORY",
+            show_envvar=True,
+            help="Judge against a recorded GPU inventory (JSON from `check --json`) instead of NVML.",
+        ),
+        click.option(
             "--json",
             "json_mode",
             is_flag=True,
@@ -145,19 +178,16 @@ def supervisor_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-def make_plan(config: Path, overrides: tuple[str, ...], kw: dict[str, Any], default_nproc: int | None) -> Plan:
-    nproc = kw["nproc"] or default_nproc
-    if nproc is None:
-        from .hardware import read_nvml
+def make_plan(
+    config: Path, overrides: tuple[str, ...], kw: dict[str, Any], default_nproc: int | None
+) -> tuple[Plan, Any]:
+    """Options -> Plan, with the GPU inventory that decided the process count (None on CPU)."""
+    from .gate import recorded_inventory, resolve_gpu_plan
+    from .hardware import read_nvml
 
-        inv = read_nvml()
-        if inv.count == 0:
-            raise PreflightError(
-                "no GPU visible: run the container with --gpus all (docker) or a GPU reservation (compose); "
-                "to train on CPU pass --nproc N, or try `ft-appliance demo`"
-            )
-        nproc = inv.count
-    return build_plan(
+    source = recorded_inventory(kw["inventory"]) if kw.get("inventory") else read_nvml
+    nproc, inventory = resolve_gpu_plan(None, kw["nproc"] or default_nproc, source)
+    plan = build_plan(
         config,
         overrides,
         nproc=nproc,
@@ -166,16 +196,23 @@ def make_plan(config: Path, overrides: tuple[str, ...], kw: dict[str, Any], defa
         timeouts=Timeouts(kw["stop_grace"], kw["hang_timeout"], kw["startup_timeout"]),
         rendezvous=Rendezvous(kw["nnodes"], 0, kw["rdzv_endpoint"], kw["rdzv_id"]),
     )
+    return plan, inventory
 
 
-def validate(plan: Plan) -> None:
-    from .problems import errors
-    from .schema import check_args, load_schema
+def preflight(plan: Plan, inventory: Any, kw: dict[str, Any]) -> Plan:
+    """Run every check; print decisions and warnings; stop on the first error with its exit code."""
+    from .gate import check, raise_on_errors, world_size, write_run_meta
 
-    problems = errors(check_args(plan.args, load_schema(), str(plan.config_path)))
-    if problems:
-        more = f" (and {len(problems) - 1} more: run `ft-appliance check`)" if len(problems) > 1 else ""
-        raise ConfigError(problems[0].message + more)
+    echo = _echo_to(kw["json_mode"])
+    result = check(plan, inventory, kw["keep_effective_batch"])
+    for p in result.report.problems:
+        if p.severity == "warning":
+            echo(f"[ft] warning: {p.message}")
+    raise_on_errors(result)
+    for note in result.report.notes:
+        echo(f"[ft] {note}")
+    write_run_meta(result.plan, world_size(result.plan))
+    return result.plan
 
 
 def run_training(plan: Plan, json_mode: bool) -> None:
@@ -204,9 +241,8 @@ def train(config: Path, overrides: tuple[str, ...], **kw: Any) -> None:
     that overwrite_output_dir is forced off and resume_from_checkpoint is chosen by the appliance:
     the newest complete checkpoint in output_dir. A finished run is reported and left alone.
     """
-    plan = make_plan(config, overrides, kw, None)
-    validate(plan)
-    run_training(plan, kw["json_mode"])
+    plan, inventory = make_plan(config, overrides, kw, None)
+    run_training(preflight(plan, inventory, kw), kw["json_mode"])
 
 
 @cli.command(epilog=EPILOG)
@@ -235,9 +271,8 @@ def demo(directory: Path, max_steps: int, save_steps: int, **kw: Any) -> None:
     echo(f"[ft] building the demo layout in {directory.resolve()}")
     config = build_demo(directory, max_steps=max_steps, save_steps=save_steps)
     echo(f"[ft] config: {config}")
-    plan = make_plan(config, (), kw, default_nproc=2)
-    validate(plan)
-    run_training(plan, kw["json_mode"])
+    plan, inventory = make_plan(config, (), kw, default_nproc=2)
+    run_training(preflight(plan, inventory, kw), kw["json_mode"])
 
 
 @cli.command(epilog=EPILOG)
@@ -343,6 +378,40 @@ def soak(
         raise ApplianceError("soak failed: " + "; ".join(report.failures))
 
 
+@cli.command(epilog=EPILOG)
+@click.argument(
+    "config", type=click.Path(dir_okay=True, path_type=Path), envvar="FT_CONFIG", default=DEFAULT_CONFIG, required=False
+)
+@click.argument("overrides", nargs=-1)
+@supervisor_options
+def check(config: Path, overrides: tuple[str, ...], **kw: Any) -> None:
+    """Check CONFIG against the GPUs, the environment, the model and the data, without training.
+
+    Runs exactly the checks `train` runs first and prints a report (or JSON with --json). Exits
+    non-zero on any error, with the code of the first one (see the table below).
+    """
+    from .gate import check as run_check
+    from .gate import describe_inventory, report_dict
+    from .preflight import exit_code_for
+
+    plan, inventory = make_plan(config, overrides, kw, None)
+    result = run_check(plan, inventory, kw["keep_effective_batch"])
+    if kw["json_mode"]:
+        click.echo(json.dumps(report_dict(result), indent=1))
+    else:
+        click.echo(f"ft-appliance check: {plan.config_path}")
+        click.echo(f"  {describe_inventory(inventory)}")
+        click.echo(f"  processes: {plan.nproc} on this node, world size {result.report.world_size}")
+        for note in result.report.notes:
+            click.echo(f"  {note}")
+        for p in result.report.problems:
+            click.echo(f"  {p.severity:<7} {p.check:<20} {p.message}")
+        warnings = sum(p.severity == "warning" for p in result.report.problems)
+        click.echo(f"result: {len(result.report.errors)} error(s), {warnings} warning(s)")
+    if result.report.errors:
+        raise click.exceptions.Exit(exit_code_for(result.report.errors[0]))
+
+
 @cli.command()
 @click.argument("target", type=click.Path(path_type=Path), envvar="FT_CONFIG", default=DEFAULT_CONFIG, required=False)
 @click.option("--json", "json_mode", is_flag=True, envvar="FT_JSON", show_envvar=True, help="Print JSON.")
@@ -368,20 +437,4 @@ def status(target: Path, json_mode: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cli.main(args=argv, prog_name="ft-appliance", standalone_mode=False)
-    except Stopped as exc:
-        click.echo(f"ft-appliance: {exc.message}", err=True)
-        sys.exit(exc.exit_code)
-    except ApplianceError as exc:
-        click.echo(f"ft-appliance: error: {exc.message}", err=True)
-        sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    except click.Abort:
-        click.echo("ft-appliance: aborted", err=True)
-        sys.exit(130)
-    sys.exit(0)
+    cli.main(args=argv, prog_name="ft-appliance")

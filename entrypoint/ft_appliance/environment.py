@@ -85,8 +85,9 @@ def read_env(output_dir: Path, environ: Mapping[str, str] | None = None) -> EnvF
     except OSError as exc:
         writable, error = False, f"{type(exc).__name__}: {exc.strerror or exc}"
     offline = environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or environ.get("FT_OFFLINE") == "1"
-    return EnvFacts(shm, _limit(resource.RLIMIT_MEMLOCK), _limit(resource.RLIMIT_STACK), output_dir, free,
-                    writable, error, offline)
+    return EnvFacts(
+        shm, _limit(resource.RLIMIT_MEMLOCK), _limit(resource.RLIMIT_STACK), output_dir, free, writable, error, offline
+    )
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
@@ -148,8 +149,9 @@ def read_datasets(names: list[str], dataset_dir: Path) -> DatasetFacts:
         if not isinstance(entry, dict):
             continue
         if "file_name" not in entry:
-            files[name] = None if any(k in entry for k in ("hf_hub_url", "ms_hub_url", "om_hub_url")) else (
-                "has no file_name")
+            files[name] = (
+                None if any(k in entry for k in ("hf_hub_url", "ms_hub_url", "om_hub_url")) else ("has no file_name")
+            )
             continue
         target = dataset_dir / entry["file_name"]
         if not target.exists():

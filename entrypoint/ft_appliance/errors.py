@@ -16,6 +16,8 @@ EXIT_PREFLIGHT = 4
 EXIT_TRAINING = 5
 EXIT_RETRIES = 6
 EXIT_CRASH_LOOP = 7
+EXIT_ENVIRONMENT = 8
+EXIT_INPUTS = 9
 EXIT_STOPPED = 128 + signal.SIGTERM  # 143: stopped on request, resumable
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130: same, from Ctrl-C
 
@@ -24,10 +26,12 @@ EXIT_CODES: dict[int, str] = {
     EXIT_OTHER: "other error",
     EXIT_USAGE: "usage error (unknown option, bad argument)",
     EXIT_CONFIG: "invalid config: missing file, bad YAML, unknown key, wrong type",
-    EXIT_PREFLIGHT: "preflight failed: GPUs, disk, volume, model or dataset not as the config needs",
+    EXIT_PREFLIGHT: "preflight failed: GPUs (count, precision, driver, memory) not as the config needs",
     EXIT_TRAINING: "training failed with an error that retrying cannot fix",
     EXIT_RETRIES: "training kept crashing; restarts used up",
     EXIT_CRASH_LOOP: "crash loop: restarts made no progress",
+    EXIT_ENVIRONMENT: "environment: output volume not writable or full, /dev/shm too small",
+    EXIT_INPUTS: "inputs: model, tokenizer, template or dataset missing or unusable",
     EXIT_INTERRUPTED: "stopped by SIGINT after saving a checkpoint; start again to resume",
     EXIT_STOPPED: "stopped by SIGTERM after saving a checkpoint; start again to resume",
 }
@@ -49,6 +53,10 @@ class ConfigError(ApplianceError):
 
 class PreflightError(ApplianceError):
     exit_code = EXIT_PREFLIGHT
+
+    def __init__(self, message: str, exit_code: int = EXIT_PREFLIGHT) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class TrainingFailed(ApplianceError):

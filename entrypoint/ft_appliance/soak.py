@@ -165,8 +165,8 @@ class SoakRunner:
         pending: SoakEvent | None = None
         killed_at = 0.0
         for number, kind in enumerate([*kinds, "finish"], start=1):
+            attempt = _attempt_count(out) + 1  # counted before the start: the new supervisor creates it
             sup = self._start(cfg, log)
-            attempt = _attempt_count(out) + 1
             while _attempt_count(out) < attempt and sup.poll() is None:
                 time.sleep(0.01)
             if pending is not None:

@@ -1,0 +1,169 @@
+"""Everything checked before a training process starts: read the facts, judge them (schema.py and
+preflight.py), and fold the policy decisions into the Plan.
+
+The GPU inventory comes from an InventorySource (NVML by default), so a recorded inventory of
+another machine can be judged as well ("would this config fit on that box?").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from . import statefiles
+from .config import Plan
+from .environment import read_datasets, read_env, read_model
+from .errors import PreflightError
+from .hardware import Inventory, InventorySource, inventory_from_dict
+from .preflight import SPECIAL_TOKEN_RE, Report, RunMeta, exit_code_for, run_checks
+from .schema import check_args, load_schema
+
+RUN_META = "run-meta.json"
+
+
+@dataclass
+class GateResult:
+    plan: Plan
+    report: Report
+    inventory: Inventory | None
+    """None for a CPU run."""
+
+
+def recorded_inventory(path: Path) -> InventorySource:
+    def source() -> Inventory:
+        return inventory_from_dict(json.loads(path.read_text()))
+
+    return source
+
+
+def template_tokens() -> dict[str, set[str]]:
+    """Template name -> the special tokens its slots and stop words use (LlamaFactory's registry)."""
+    from llamafactory.data.template import TEMPLATES
+
+    out: dict[str, set[str]] = {}
+    for name, tpl in TEMPLATES.items():
+        texts: list[str] = list(getattr(tpl, "stop_words", []) or [])
+        for attr in ("format_user", "format_assistant", "format_system", "format_observation", "format_prefix"):
+            fmt = getattr(tpl, attr, None)
+            for slot in getattr(fmt, "slots", []) or []:
+                if isinstance(slot, str):
+                    texts.append(slot)
+        out[name] = {m.group(0) for t in texts for m in SPECIAL_TOKEN_RE.finditer(t)}
+    return out
+
+
+def read_run_meta(output_dir: Path) -> RunMeta | None:
+    data = statefiles.read_json(statefiles.state_dir(output_dir) / RUN_META)
+    try:
+        return RunMeta(**data) if isinstance(data, dict) else None
+    except TypeError:
+        return None
+
+
+def write_run_meta(plan: Plan, world: int) -> None:
+    path = statefiles.state_dir(plan.output_dir) / RUN_META
+    if path.exists():
+        return
+    a = plan.args
+    statefiles.write_json(
+        path,
+        {
+            "world_size": world,
+            "per_device_train_batch_size": int(a.get("per_device_train_batch_size", 8) or 8),
+            "gradient_accumulation_steps": int(a.get("gradient_accumulation_steps", 1) or 1),
+            "deepspeed": a.get("deepspeed"),
+        },
+    )
+
+
+def world_size(plan: Plan) -> int:
+    nodes = plan.rendezvous.nnodes
+    n = int(nodes) if re.fullmatch(r"\d+", nodes) else int(nodes.split(":")[-1] or 1)
+    return plan.nproc * n
+
+
+def resolve_gpu_plan(plan: Plan | None, nproc: int | None, source: InventorySource) -> tuple[int, Inventory | None]:
+    """Process count and inventory: every visible GPU unless --nproc; --nproc without GPUs is a CPU run."""
+    inv = source()
+    if inv.count == 0:
+        if nproc is None:
+            raise PreflightError(
+                "no GPU visible: run the container with --gpus all (docker) or a GPU reservation (compose); "
+                "to train on CPU pass --nproc N, or try `ft-appliance demo`"
+            )
+        return nproc, None
+    return (nproc or inv.count), inv
+
+
+def check(plan: Plan, inventory: Inventory | None, keep_effective_batch: bool = False) -> GateResult:
+    args = plan.args
+    report_problems = check_args(args, load_schema(), str(plan.config_path))
+    model = read_model(str(args.get("model_name_or_path", "")), plan.workdir)
+    data_dir = Path(str(args.get("dataset_dir", "data")))
+    if not data_dir.is_absolute():
+        data_dir = plan.workdir / data_dir
+    names = [n.strip() for key in ("dataset", "eval_dataset") for n in str(args.get(key) or "").split(",") if n.strip()]
+    data = read_datasets(names, data_dir) if names else None
+    ds = args.get("deepspeed")
+    ds_exists = None
+    if isinstance(ds, str):
+        ds_path = Path(ds) if Path(ds).is_absolute() else plan.workdir / ds
+        ds_exists = ds_path.is_file()
+    world = world_size(plan)
+    report = run_checks(
+        args,
+        inventory=inventory,
+        nproc=plan.nproc,
+        world=world,
+        env=read_env(plan.output_dir),
+        model=model,
+        data=data,
+        templates=template_tokens(),
+        previous=read_run_meta(plan.output_dir),
+        keep_effective_batch=keep_effective_batch,
+        deepspeed_exists=ds_exists,
+    )
+    report.problems[:0] = report_problems
+    new_plan = replace(plan, args={**plan.args, **report.updates}, notes=(*plan.notes, *report.notes))
+    return GateResult(new_plan, report, inventory)
+
+
+def raise_on_errors(result: GateResult) -> None:
+    errors = result.report.errors
+    if not errors:
+        return
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more: run `ft-appliance check`)" if len(errors) > 1 else ""
+    raise PreflightError(first.message + more, exit_code_for(first))
+
+
+def describe_inventory(inv: Inventory | None) -> str:
+    if inv is None:
+        return "GPUs: none used (CPU run)"
+    if inv.count == 0:
+        return f"GPUs: none visible ({inv.error or 'no NVIDIA driver'})"
+    kinds: dict[str, int] = {}
+    for g in inv.gpus:
+        key = f"{g.name} ({g.memory_total_mib / 1024:.0f} GiB, cc {g.compute_capability[0]}.{g.compute_capability[1]})"
+        kinds[key] = kinds.get(key, 0) + 1
+    gpus = ", ".join(f"{n} x {k}" for k, n in kinds.items())
+    return f"GPUs: {gpus}; driver {inv.driver_version} (CUDA {inv.driver_cuda}); torch CUDA {inv.torch_cuda}"
+
+
+def report_dict(result: GateResult) -> dict[str, Any]:
+    errors = result.report.errors
+    return {
+        "config": str(result.plan.config_path),
+        "ok": not errors,
+        "exit_code": exit_code_for(errors[0]) if errors else 0,
+        "inventory": result.inventory.to_dict() if result.inventory else None,
+        "nproc": result.plan.nproc,
+        "world_size": result.report.world_size,
+        "effective_batch": result.report.effective_batch,
+        "decisions": result.report.notes,
+        "updates": result.report.updates,
+        "problems": [p.to_dict() for p in result.report.problems],
+    }
