@@ -167,7 +167,8 @@ class SoakRunner:
         for number, kind in enumerate([*kinds, "finish"], start=1):
             attempt = _attempt_count(out) + 1  # counted before the start: the new supervisor creates it
             sup = self._start(cfg, log)
-            while _attempt_count(out) < attempt and sup.poll() is None:
+            run_file = statefiles.state_dir(out) / "attempts" / str(attempt) / "run.json"
+            while not run_file.exists() and sup.poll() is None:  # written once the checkpoint is chosen
                 time.sleep(0.01)
             if pending is not None:
                 pending.resumed_from = _resume_of(out, attempt)
