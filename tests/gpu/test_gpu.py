@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from ft_appliance.hardware import read_nvml
+
 from tests.helpers import run_cli, trainer_state
 
 INV = read_nvml()

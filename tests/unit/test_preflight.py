@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from ft_appliance.environment import EnvFacts, ModelFacts
 from ft_appliance.hardware import Inventory, inventory_from_dict
 from ft_appliance.preflight import (
@@ -22,10 +21,22 @@ from ft_appliance.preflight import (
 )
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "inventories"
-LLAMA_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-            "intermediate_size": 14336, "vocab_size": 128256, "tie_word_embeddings": False}
-LLAMA_70B = {**LLAMA_8B, "hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64,
-             "intermediate_size": 28672}
+LLAMA_8B = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "intermediate_size": 14336,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
+LLAMA_70B = {
+    **LLAMA_8B,
+    "hidden_size": 8192,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "intermediate_size": 28672,
+}
 
 
 def inv(name: str) -> Inventory:
@@ -47,8 +58,14 @@ def test_h100_recorded_on_real_hardware_is_usable() -> None:
 
 @pytest.mark.parametrize(
     ("card", "expected"),
-    [("v100", {"fp16": True}), ("t4", {"fp16": True}), ("a10g", {"bf16": True}), ("l4", {"bf16": True}),
-     ("a100", {"bf16": True}), ("h100", {"bf16": True})],
+    [
+        ("v100", {"fp16": True}),
+        ("t4", {"fp16": True}),
+        ("a10g", {"bf16": True}),
+        ("l4", {"bf16": True}),
+        ("a100", {"bf16": True}),
+        ("h100", {"bf16": True}),
+    ],
 )
 def test_precision_left_to_the_appliance(card: str, expected: dict) -> None:
     report = gpu_check(card, {})
@@ -138,7 +155,14 @@ def test_effective_batch_and_gpu_count_change() -> None:
 
 def test_cpu_run_skips_gpu_checks(tmp_path: Path) -> None:
     env = EnvFacts(2**34, -1, 8 * 2**20, tmp_path, 2**40, True)
-    report = run_checks({"do_train": True, "dataset": "d", "bf16": True}, inventory=None, nproc=2, world=2, env=env,
-                        model=ModelFacts("m", tmp_path, {}, ("model.safetensors",), ("tokenizer.json",)),
-                        data=None, templates={})
+    report = run_checks(
+        {"do_train": True, "dataset": "d", "bf16": True},
+        inventory=None,
+        nproc=2,
+        world=2,
+        env=env,
+        model=ModelFacts("m", tmp_path, {}, ("model.safetensors",), ("tokenizer.json",)),
+        data=None,
+        templates={},
+    )
     assert not any(p.check.startswith("gpu.") for p in report.problems)

@@ -1,0 +1,184 @@
+"""A corpus of broken configs and data layouts: each gives one line saying what is wrong and how to fix
+it, its exit code, and never a traceback, before any training process starts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from ft_appliance.cli import cli
+
+INVENTORIES = Path(__file__).resolve().parents[1] / "fixtures" / "inventories"
+LLAMA_8B = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "intermediate_size": 14336,
+    "vocab_size": 128256,
+}
+
+
+class Case:
+    def __init__(self, root: Path, demo_root: Path) -> None:
+        self.root = root
+        self.data = root / "data"
+        shutil.copytree(demo_root / "datasets", self.data / "datasets")
+        self.model = self.data / "models" / "tiny-llama"
+        shutil.copytree(demo_root / "models" / "tiny-llama", self.model)
+        from ft_appliance.demo import demo_config
+
+        self.args = demo_config(self.data)
+        self.args["output_dir"] = str(root / "out")
+        self.extra: list[str] = ["--nproc", "2"]
+        self.text: str | None = None
+        self.name = "train.yaml"
+
+    def write(self) -> Path:
+        path = self.root / self.name
+        path.write_text(self.text if self.text is not None else yaml.safe_dump(self.args))
+        return path
+
+    def on(self, card: str, nproc: int | None = None) -> None:
+        self.extra = ["--inventory", str(INVENTORIES / f"{card}.json")] + (["--nproc", str(nproc)] if nproc else [])
+
+
+def set_text(text: str, name: str = "train.yaml") -> Callable[[Case], None]:
+    def f(c: Case) -> None:
+        c.text, c.name = text, name
+
+    return f
+
+
+def upd(**kw: object) -> Callable[[Case], None]:
+    return lambda c: c.args.update(kw)
+
+
+def drop(key: str) -> Callable[[Case], None]:
+    return lambda c: c.args.pop(key)
+
+
+def rm(rel: str) -> Callable[[Case], None]:
+    def f(c: Case) -> None:
+        p = c.data / rel
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    return f
+
+
+def write_file(rel: str, text: str) -> Callable[[Case], None]:
+    return lambda c: (c.data / rel).write_text(text)
+
+
+def big_model_on(card: str) -> Callable[[Case], None]:
+    def f(c: Case) -> None:
+        (c.model / "config.json").write_text(json.dumps(LLAMA_8B))
+        c.on(card)
+
+    return f
+
+
+def gpu(card: str, nproc: int | None = None, **kw: object) -> Callable[[Case], None]:
+    def f(c: Case) -> None:
+        c.args.update(kw)
+        c.on(card, nproc)
+
+    return f
+
+
+CORPUS: list[tuple[str, Callable[[Case], None], int, str]] = [
+    ("invalid yaml", set_text("model_name_or_path: x\n  bad: [\n"), 3, "is not valid YAML at line 2"),
+    ("empty file", set_text(""), 3, "is empty"),
+    ("yaml list", set_text("- a\n- b\n"), 3, "must be a mapping of LlamaFactory keys"),
+    ("json file", set_text('{"stage": "sft"}', "train.json"), 3, "is JSON: write it as YAML"),
+    ("unknown key", upd(lerning_rate=1e-4), 3, "unknown key 'lerning_rate': did you mean 'learning_rate'?"),
+    ("quoted number", upd(lora_rank="8"), 3, "lora_rank is the string '8': write 8 without quotes"),
+    ("quoted boolean", upd(do_train="false"), 3, "do_train is the string 'false', which counts as true"),
+    ("bad stage", upd(stage="sf"), 3, "stage is 'sf', not one of"),
+    ("no do_train", upd(do_train=False), 3, "do_train is not true"),
+    ("no dataset", drop("dataset"), 3, "no dataset is set"),
+    ("bf16 and fp16", upd(bf16=True, fp16=True), 3, "bf16 and fp16 are both true"),
+    ("quantized full", upd(finetuning_type="full", quantization_bit=4), 3, "quantization_bit needs finetuning_type"),
+    (
+        "missing deepspeed json",
+        upd(deepspeed="/nope/ds_z3.json"),
+        3,
+        "deepspeed config /nope/ds_z3.json does not exist",
+    ),
+    ("no output_dir", drop("output_dir"), 3, "config has no output_dir"),
+    ("model dir missing", upd(model_name_or_path="/nowhere/model"), 9, "model directory /nowhere/model does not exist"),
+    ("no weights", rm("models/tiny-llama/model.safetensors"), 9, "has no weights (*.safetensors or *.bin)"),
+    (
+        "no tokenizer",
+        lambda c: [(c.model / n).unlink() for n in ("tokenizer.json", "tokenizer_config.json")],
+        9,
+        "has no tokenizer",
+    ),
+    (
+        "hub id offline",
+        upd(model_name_or_path="meta-llama/Llama-3.1-8B-Instruct"),
+        9,
+        "is not a local directory and the hub is offline: copy it to /data/models/Llama-3.1-8B-Instruct",
+    ),
+    ("unknown template", upd(template="llama_3"), 9, "template 'llama_3' does not exist in LlamaFactory: did you mean"),
+    ("template tokens missing", upd(template="qwen"), 9, "template 'qwen' uses <|im_end|>, <|im_start|>"),
+    ("dataset dir missing", upd(dataset_dir="/nowhere/datasets"), 9, "dataset_dir /nowhere/datasets does not exist"),
+    ("no dataset_info", rm("datasets/dataset_info.json"), 9, "has no dataset_info.json"),
+    ("dataset_info not json", write_file("datasets/dataset_info.json", "{oops"), 9, "dataset_info.json is unreadable"),
+    ("unknown dataset", upd(dataset="ft_dmeo"), 9, "dataset 'ft_dmeo' is not in"),
+    ("dataset file missing", rm("datasets/ft_demo.json"), 9, "ft_demo.json does not exist: copy it into"),
+    ("dataset file empty", write_file("datasets/ft_demo.json", ""), 9, "ft_demo.json is empty"),
+    ("output not writable", upd(output_dir="/proc/ft-appliance-test/out"), 8, "is not writable by this user"),
+    (
+        "no gpu, no nproc",
+        lambda c: setattr(c, "extra", ["--inventory", str(INVENTORIES / "none.json")]),
+        4,
+        "no GPU visible: run the container with --gpus all",
+    ),
+    ("bf16 on T4", gpu("t4", bf16=True), 4, "bf16 needs compute capability 8.0 or newer but Tesla T4 is 7.5"),
+    ("too many GPUs", gpu("a10g", nproc=8, bf16=True), 4, "8 GPUs requested but 4 visible: pass --nproc 4"),
+    ("old driver", gpu("a100-old-driver", bf16=True), 4, "supports CUDA up to 12.2 but torch was built for CUDA 13.0"),
+    ("fa3 on A100", gpu("a100", flash_attn="fa3", bf16=True), 4, "FlashAttention-3 needs compute capability 9.0"),
+    ("8B LoRA on T4", big_model_on("t4"), 4, "use QLoRA (quantization_bit: 4)"),
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_gpu_inventory() -> None:
+    (INVENTORIES / "none.json").exists() or pytest.fail("tests/fixtures/inventories/none.json is missing")
+
+
+@pytest.mark.parametrize(("name", "breakage", "code", "needle"), CORPUS, ids=[c[0] for c in CORPUS])
+def test_broken_input(demo_root: Path, tmp_path: Path, name: str, breakage, code: int, needle: str) -> None:
+    case = Case(tmp_path, demo_root)
+    breakage(case)
+    cfg = case.write()
+    res = CliRunner().invoke(cli, ["train", str(cfg), *case.extra])
+    assert res.exit_code == code, res.output
+    assert isinstance(res.exception, SystemExit) or res.exception is None, res.exception
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip() and not ln.startswith("[ft] warning")]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("ft-appliance: error: ")
+    assert needle in lines[0]
+    assert not (tmp_path / "out" / ".ft" / "attempts").exists()  # nothing was launched
+
+
+def test_corpus_covers_every_preflight_exit_code() -> None:
+    assert {c[2] for c in CORPUS} == {3, 4, 8, 9}
+    assert len(CORPUS) >= 20
+
+
+def test_demo_config_passes_preflight_on_cpu(demo_root: Path, tmp_path: Path) -> None:
+    case = Case(tmp_path, demo_root)
+    res = CliRunner().invoke(cli, ["check", str(case.write()), "--nproc", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["ok"] and report["effective_batch"] == 8 and report["inventory"] is None
+    assert [p for p in report["problems"] if p["severity"] == "error"] == []
