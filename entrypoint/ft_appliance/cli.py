@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from . import __version__
-from .config import DEFAULT_CONFIG, Plan, Rendezvous, RetryPolicy, Timeouts, build_plan
+from .config import Plan, Rendezvous, RetryPolicy, Timeouts, build_plan, default_config
 from .errors import ApplianceError, ConfigError, Stopped, exit_code_table
 
 EPILOG = "Exit codes:\n\n\b\n" + exit_code_table()
@@ -215,6 +215,25 @@ def preflight(plan: Plan, inventory: Any, kw: dict[str, Any]) -> Plan:
     return result.plan
 
 
+def maybe_init_volume(config: Path) -> None:
+    """`docker run -v data:/data ft-appliance` on an empty volume: lay it out, say what goes where."""
+    from .volume import init_volume, is_unset_up
+
+    root = config.parent.parent
+    if config.exists() or config != default_config() or not is_unset_up(root):
+        return
+    try:
+        created = init_volume(root)
+    except OSError as exc:
+        raise ConfigError(f"{root} is not writable ({exc.strerror}): mount the volume read-write") from None
+    what = f"laid out {', '.join(created)} in {root}; " if created else ""
+    raise ConfigError(
+        f"no config at {config}: {what}copy your model to {root}/models/, your dataset and dataset_info.json "
+        f"to {root}/datasets/, and write {config} (start from {root}/configs/train.example.yaml; "
+        f"see {root}/README.txt), then start again"
+    )
+
+
 def run_training(plan: Plan, json_mode: bool) -> None:
     from .supervise import Shutdown, Supervisor, summary_lines
 
@@ -230,7 +249,7 @@ def run_training(plan: Plan, json_mode: bool) -> None:
 
 @cli.command(epilog=EPILOG)
 @click.argument(
-    "config", type=click.Path(dir_okay=True, path_type=Path), envvar="FT_CONFIG", default=DEFAULT_CONFIG, required=False
+    "config", type=click.Path(dir_okay=True, path_type=Path), envvar="FT_CONFIG", default=None, required=False
 )
 @click.argument("overrides", nargs=-1)
 @supervisor_options
@@ -241,6 +260,8 @@ def train(config: Path, overrides: tuple[str, ...], **kw: Any) -> None:
     that overwrite_output_dir is forced off and resume_from_checkpoint is chosen by the appliance:
     the newest complete checkpoint in output_dir. A finished run is reported and left alone.
     """
+    config = config or default_config()
+    maybe_init_volume(config)
     plan, inventory = make_plan(config, overrides, kw, None)
     run_training(preflight(plan, inventory, kw), kw["json_mode"])
 
@@ -380,7 +401,7 @@ def soak(
 
 @cli.command(epilog=EPILOG)
 @click.argument(
-    "config", type=click.Path(dir_okay=True, path_type=Path), envvar="FT_CONFIG", default=DEFAULT_CONFIG, required=False
+    "config", type=click.Path(dir_okay=True, path_type=Path), envvar="FT_CONFIG", default=None, required=False
 )
 @click.argument("overrides", nargs=-1)
 @supervisor_options
@@ -394,7 +415,7 @@ def check(config: Path, overrides: tuple[str, ...], **kw: Any) -> None:
     from .gate import describe_inventory, report_dict
     from .preflight import exit_code_for
 
-    plan, inventory = make_plan(config, overrides, kw, None)
+    plan, inventory = make_plan(config or default_config(), overrides, kw, None)
     result = run_check(plan, inventory, kw["keep_effective_batch"])
     if kw["json_mode"]:
         click.echo(json.dumps(report_dict(result), indent=1))
@@ -413,13 +434,14 @@ def check(config: Path, overrides: tuple[str, ...], **kw: Any) -> None:
 
 
 @cli.command()
-@click.argument("target", type=click.Path(path_type=Path), envvar="FT_CONFIG", default=DEFAULT_CONFIG, required=False)
+@click.argument("target", type=click.Path(path_type=Path), envvar="FT_CONFIG", default=None, required=False)
 @click.option("--json", "json_mode", is_flag=True, envvar="FT_JSON", show_envvar=True, help="Print JSON.")
 def status(target: Path, json_mode: bool) -> None:
     """Show the state of a run: TARGET is its output_dir or its config file."""
     from .config import read_yaml, resolve_output_dir
     from .supervise import load_status
 
+    target = target or default_config()
     out = target
     if target.is_file():
         out = resolve_output_dir(read_yaml(target), Path.cwd())
@@ -434,6 +456,37 @@ def status(target: Path, json_mode: bool) -> None:
     click.echo(f"{st['state']}: {st['output_dir']} (restarts {st['restarts']}, steps lost {sum(st['steps_lost'])})")
     if st.get("progress"):
         click.echo("  " + format_progress(Progress(**st["progress"])))
+
+
+@cli.command()
+@click.option(
+    "--max-age",
+    type=click.FloatRange(min=1),
+    default=120.0,
+    show_default=True,
+    envvar="FT_HEALTH_MAX_AGE",
+    show_envvar=True,
+    help="Seconds a heartbeat stays fresh.",
+)
+def health(max_age: float) -> None:
+    """Exit 0 while the supervisor's heartbeat is fresh (the image's HEALTHCHECK).
+
+    Reads FT_HEARTBEAT_FILE. A finished or stopped run counts as healthy; a stale heartbeat means
+    the supervisor itself is stuck (training hangs are handled by the hang watchdog).
+    """
+    import os
+    import time
+
+    from .statefiles import read_json
+
+    path = os.environ.get("FT_HEARTBEAT_FILE")
+    beat = read_json(Path(path)) if path else None
+    if beat is None:
+        raise ApplianceError(f"no heartbeat in {path or '(FT_HEARTBEAT_FILE is not set)'} yet")
+    age = time.time() - float(beat.get("time", 0))
+    if beat.get("state") not in ("finished", "stopped", "failed") and age > max_age:
+        raise ApplianceError(f"heartbeat is {age:.0f} s old (state {beat.get('state')}): the supervisor is stuck")
+    click.echo(f"{beat.get('state')} step {beat.get('step')} ({age:.0f} s ago)")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,7 +19,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
 
-DEFAULT_CONFIG = Path("/data/configs/train.yaml")
+
+def data_root() -> Path:
+    """The data volume: /data in the container (FT_DATA to move it)."""
+    return Path(os.environ.get("FT_DATA", "/data"))
+
+
+def default_config() -> Path:
+    return data_root() / "configs" / "train.yaml"
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,7 @@ class Supervisor:
 
     def write_status(self, state: str, **extra: Any) -> None:
         p = self.current_progress()
+        self.beat(state, p.step if p else None)
         statefiles.write_json(
             self.sd / statefiles.STATUS,
             {
@@ -147,6 +148,33 @@ class Supervisor:
                 **extra,
             },
         )
+
+    def beat(self, state: str | None = None, step: int | None = None) -> None:
+        """The container's heartbeat (FT_HEARTBEAT_FILE): the supervisor is alive and in `state`."""
+        if state is not None:
+            self._beat_state = state
+        if step is not None:
+            self._beat_step = step
+        path = self.env.get("FT_HEARTBEAT_FILE")
+        if not path:
+            return
+        now = time.time()
+        if state is None and now - getattr(self, "_beat_at", 0.0) < 5:
+            return
+        self._beat_at = now
+        try:
+            statefiles.write_json(
+                Path(path),
+                {
+                    "state": getattr(self, "_beat_state", "starting"),
+                    "step": getattr(self, "_beat_step", None),
+                    "output_dir": str(self.out),
+                    "pid": os.getpid(),
+                    "time": now,
+                },
+            )
+        except OSError:
+            pass
 
     def current_progress(self) -> Progress | None:
         return progress(
@@ -229,6 +257,7 @@ class Supervisor:
                     self.say(format_progress(p))
                     last_line_at = now
                     self.write_status("training")
+            self.beat(step=last_step_seen)
             proc.wait(0.5)
         return False, 0
 
