@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # ft-appliance image.
 #   GPU (default):  docker build -t ft-appliance .
 #   older drivers:  docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 ...

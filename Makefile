@@ -44,6 +44,10 @@ soak: venv ## Crash-resume soak on the demo: random SIGKILLs and SIGTERMs vs an 
 build: ## Build the GPU image ($(IMAGE))
 	docker build -t $(IMAGE) .
 
+.PHONY: test-image
+test-image: ## Build the CPU test image (ft-appliance:test) on a local base and wheelhouse, offline
+	docker/build-test-image.sh ft-appliance:test
+
 .PHONY: run
 run: ## Run the image on every GPU with $(DATA) as /data
 	docker run --rm --gpus all --init --ipc host -v $(DATA):/data $(IMAGE)
