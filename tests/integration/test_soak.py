@@ -14,8 +14,22 @@ pytestmark = pytest.mark.slow
 
 
 def test_short_soak_matches_uninterrupted_run(tmp_path: Path) -> None:
-    res = run_cli("soak", str(tmp_path / "soak"), "--kills", "3", "--terms", "1", "--seed", "3",
-                  "--max-steps", "40", "--save-steps", "5", "--json", timeout=900)
+    res = run_cli(
+        "soak",
+        str(tmp_path / "soak"),
+        "--kills",
+        "3",
+        "--terms",
+        "1",
+        "--seed",
+        "3",
+        "--max-steps",
+        "40",
+        "--save-steps",
+        "5",
+        "--json",
+        timeout=900,
+    )
     assert res.returncode == 0, res.stderr[-4000:]
     report = json.loads(res.stdout.strip().splitlines()[-1])
     assert report["ok"] and report["failures"] == []

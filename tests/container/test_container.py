@@ -1,0 +1,232 @@
+"""The image against a real Docker engine: built from the project's Dockerfile (CPU variant, local base,
+local wheelhouse, no network), then run as users run it. Skipped only where no engine can be reached."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.helpers import REPO, wait_for
+
+pytestmark = [pytest.mark.docker, pytest.mark.slow]
+
+IMAGE = "ft-appliance:test"
+RUN = ["docker", "run", "--network", "none"]
+
+
+def sh(*cmd: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} -> {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}")
+    return res
+
+
+def engine_reason() -> str | None:
+    if not shutil.which("docker"):
+        return "no docker client (apt-get install docker.io)"
+    res = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True)
+    if res.returncode != 0:
+        why = res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "docker info failed"
+        return f"no Docker engine reachable ({why})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    reason = engine_reason()
+    if reason:
+        pytest.skip(reason)
+    sh(str(REPO / "docker" / "build-test-image.sh"), IMAGE, timeout=1800)
+    return IMAGE
+
+
+@pytest.fixture
+def volume(image: str):
+    name = f"ft-test-{uuid.uuid4().hex[:8]}"
+    sh("docker", "volume", "create", name)
+    yield name
+    subprocess.run(["docker", "rm", "-f", *container_names(name)], capture_output=True)
+    subprocess.run(["docker", "volume", "rm", "-f", name], capture_output=True)
+
+
+def container_names(volume: str) -> list[str]:
+    res = subprocess.run(["docker", "ps", "-aq", "--filter", f"volume={volume}"], capture_output=True, text=True)
+    return res.stdout.split()
+
+
+def mountpoint(volume: str) -> Path:
+    return Path(sh("docker", "volume", "inspect", volume, "--format", "{{.Mountpoint}}").stdout.strip())
+
+
+def steps_in(out: Path) -> list[dict]:
+    from ft_appliance.statefiles import read_jsonl
+
+    return read_jsonl(out / ".ft" / "steps.jsonl")
+
+
+def last_step(out: Path) -> int:
+    s = steps_in(out)
+    return int(s[-1]["step"]) if s else 0
+
+
+def demo_layout(volume: str, max_steps: int, save_steps: int, name: str) -> tuple[str, Path]:
+    """Build the demo model and data in the volume (trains the 5-step demo once), then write a longer
+    config next to it. Returns (config path inside the container, output dir on the host)."""
+    sh(*RUN, "-v", f"{volume}:/data", IMAGE, "demo", "/data", "--max-steps", "5", "--save-steps", "5", timeout=300)
+    host = mountpoint(volume)
+    cfg = yaml.safe_load((host / "configs" / "train.yaml").read_text())
+    cfg.update(max_steps=max_steps, save_steps=save_steps, logging_steps=5, output_dir=f"/data/output/{name}")
+    (host / "configs" / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
+    return f"/data/configs/{name}.yaml", host / "output" / name
+
+
+def test_empty_volume_is_laid_out_and_no_training_starts(volume: str) -> None:
+    res = sh(*RUN, "-v", f"{volume}:/data", IMAGE, check=False)
+    assert res.returncode == 3
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no config at /data/configs/train.yaml: laid out configs/" in lines[0]
+    host = mountpoint(volume)
+    for name in (
+        "configs",
+        "datasets",
+        "models",
+        "output",
+        "README.txt",
+        "configs/train.example.yaml",
+        "configs/deepspeed/ds_z3_config.json",
+    ):
+        assert (host / name).exists(), name
+        assert (host / name).stat().st_uid == 1000  # the container's user, not root
+    assert "models/" in (host / "README.txt").read_text()
+
+
+def test_no_gpu_visible_says_add_gpus_all(volume: str) -> None:
+    cfg, _ = demo_layout(volume, 10, 5, "nogpu")
+    res = sh(*RUN, "-v", f"{volume}:/data", IMAGE, "train", cfg, check=False)
+    assert res.returncode == 4
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "no GPU visible: run the container with --gpus all" in lines[0]
+
+
+def test_read_only_volume_is_refused_before_training(volume: str) -> None:
+    cfg, _ = demo_layout(volume, 10, 5, "ro")
+    res = sh(*RUN, "-v", f"{volume}:/data:ro", IMAGE, "train", cfg, "--nproc", "2", check=False)
+    assert res.returncode == 8, res.stderr
+    assert "is not writable by this user" in res.stderr
+
+
+def test_demo_trains_in_the_container_and_files_belong_to_its_user(volume: str) -> None:
+    res = sh(
+        *RUN, "-v", f"{volume}:/data", IMAGE, "demo", "/data", "--max-steps", "10", "--save-steps", "5", timeout=300
+    )
+    assert "finished: 10/10 steps in /data/output/demo-lora" in res.stdout
+    out = mountpoint(volume) / "output" / "demo-lora"
+    assert (out / "adapter_model.safetensors").stat().st_size > 0
+    owners = {p.stat().st_uid for p in out.rglob("*")}
+    assert owners == {1000}
+
+
+def _detached(volume: str, name: str, *args: str) -> None:
+    sh(*RUN, "-d", "--name", name, "-v", f"{volume}:/data", IMAGE, *args)
+
+
+def _exit_code(name: str) -> int:
+    return int(sh("docker", "inspect", name, "--format", "{{.State.ExitCode}}").stdout)
+
+
+def _resumed_from(out: Path, attempt: int) -> str | None:
+    run = json.loads((out / ".ft" / "attempts" / str(attempt) / "run.json").read_text())
+    ckpt = run["args"].get("resume_from_checkpoint")
+    return Path(ckpt).name if ckpt else None
+
+
+def test_docker_kill_then_start_resumes_from_newest_complete(volume: str) -> None:
+    cfg, out = demo_layout(volume, 150, 10, "kill")
+    name = f"{volume}-kill"
+    _detached(volume, name, "train", cfg, "--nproc", "2")
+    wait_for(lambda: last_step(out) >= 25, 180, what="step 25")
+    sh("docker", "kill", name)
+    killed_at = last_step(out)
+    sh("docker", "start", "-a", name, timeout=600)
+    assert _exit_code(name) == 0
+    marked = sorted(int(p.parent.name.split("-")[1]) for p in out.glob("checkpoint-*/.ft-complete.json"))
+    resumed = _resumed_from(out, 2)
+    assert resumed is not None and int(resumed.split("-")[1]) in marked
+    assert killed_at - int(resumed.split("-")[1]) <= 10 + 1
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 150
+
+
+def test_docker_stop_saves_a_checkpoint_with_zero_lost_steps(volume: str) -> None:
+    cfg, out = demo_layout(volume, 120, 100, "stop")
+    name = f"{volume}-stop"
+    _detached(volume, name, "train", cfg, "--nproc", "2")
+    wait_for(lambda: last_step(out) >= 13, 180, what="step 13")
+    sh("docker", "stop", "-t", "60", name, timeout=120)
+    assert _exit_code(name) == 143
+    stopped = json.loads((out / ".ft" / "stopped.json").read_text())
+    s = stopped["step"]
+    assert (out / f"checkpoint-{s}" / ".ft-complete.json").exists() and last_step(out) == s
+    sh("docker", "start", "-a", name, timeout=600)
+    assert _exit_code(name) == 0
+    assert _resumed_from(out, 2) == f"checkpoint-{s}"
+    assert [r["step"] for r in steps_in(out) if r["attempt"] == 2][0] == s + 1
+
+
+def _compose_file(tmp_path: Path, volume: str, cfg: str) -> Path:
+    """The shipped compose.yaml with only what cannot run here changed: no GPU reservation (no NVIDIA
+    toolkit), the test image, no network, the test's volume, a CPU process count."""
+    spec = yaml.safe_load((REPO / "compose.yaml").read_text())
+    svc = spec["services"]["ft-appliance"]
+    svc.pop("deploy")
+    svc.pop("build")
+    svc["image"] = IMAGE
+    svc["network_mode"] = "none"
+    svc["ipc"] = "private"
+    svc["volumes"] = [f"{volume}:/data"]
+    svc["env_file"] = [str(REPO / "docker" / "ft.env.example")]
+    svc["command"] = ["train", cfg, "--nproc", "2"]
+    # This sandbox may not raise memlock beyond its own hard limit (a GPU server can): keep the key,
+    # capped at what the engine here can grant.
+    hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+    if hard != resource.RLIM_INFINITY:
+        svc["ulimits"]["memlock"] = hard
+    spec["volumes"] = {volume: {"external": True}}
+    path = tmp_path / "compose.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+@pytest.mark.skipif(not shutil.which("docker-compose"), reason="docker-compose is not installed")
+def test_compose_restart_policy_recovers_from_a_killed_container(volume: str, tmp_path: Path) -> None:
+    cfg, out = demo_layout(volume, 150, 10, "compose")
+    compose = ["docker-compose", "-p", volume.replace("-", ""), "-f", str(_compose_file(tmp_path, volume, cfg))]
+    sh(*compose, "up", "-d", timeout=120)
+    try:
+        cid = sh(*compose, "ps", "-q", "ft-appliance").stdout.strip()
+        wait_for(lambda: last_step(out) >= 25, 180, what="step 25")
+        # The container's main process dies (a host OOM kill, a crash): Docker's restart policy brings it back.
+        pid = int(sh("docker", "inspect", cid, "--format", "{{.State.Pid}}").stdout)
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            state = json.loads(sh("docker", "inspect", cid, "--format", "{{json .State}}").stdout)
+            if state["Status"] == "exited" and state["ExitCode"] == 0:
+                break
+            time.sleep(1)
+        restarts = int(sh("docker", "inspect", cid, "--format", "{{.RestartCount}}").stdout)
+        assert restarts >= 1
+        assert state["ExitCode"] == 0
+        assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 150
+        assert _resumed_from(out, 2) is not None
+    finally:
+        subprocess.run([*compose, "down"], capture_output=True, timeout=120)
