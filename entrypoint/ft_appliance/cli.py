@@ -150,6 +150,14 @@ def supervisor_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="Working directory of the workers (relative paths in the YAML) [default: current directory].",
         ),
         click.option(
+            "--no-profile",
+            is_flag=True,
+            envvar="FT_NO_PROFILE",
+            show_envvar=True,
+            help="Do not apply the default performance profile (Liger, neat packing, no needless "
+            "gradient checkpointing); train exactly as the YAML says.",
+        ),
+        click.option(
             "--keep-effective-batch",
             is_flag=True,
             envvar="FT_KEEP_EFFECTIVE_BATCH",
@@ -204,7 +212,7 @@ def preflight(plan: Plan, inventory: Any, kw: dict[str, Any]) -> Plan:
     from .gate import check, raise_on_errors, world_size, write_run_meta
 
     echo = _echo_to(kw["json_mode"])
-    result = check(plan, inventory, kw["keep_effective_batch"])
+    result = check(plan, inventory, kw["keep_effective_batch"], profile=not kw["no_profile"])
     for p in result.report.problems:
         if p.severity == "warning":
             echo(f"[ft] warning: {p.message}")
@@ -416,7 +424,7 @@ def check(config: Path, overrides: tuple[str, ...], **kw: Any) -> None:
     from .preflight import exit_code_for
 
     plan, inventory = make_plan(config or default_config(), overrides, kw, None)
-    result = run_check(plan, inventory, kw["keep_effective_batch"])
+    result = run_check(plan, inventory, kw["keep_effective_batch"], profile=not kw["no_profile"])
     if kw["json_mode"]:
         click.echo(json.dumps(report_dict(result), indent=1))
     else:

@@ -98,7 +98,9 @@ def resolve_gpu_plan(plan: Plan | None, nproc: int | None, source: InventorySour
     return (nproc or inv.count), inv
 
 
-def check(plan: Plan, inventory: Inventory | None, keep_effective_batch: bool = False) -> GateResult:
+def check(
+    plan: Plan, inventory: Inventory | None, keep_effective_batch: bool = False, profile: bool = True
+) -> GateResult:
     args = plan.args
     report_problems = check_args(args, load_schema(), str(plan.config_path))
     model = read_model(str(args.get("model_name_or_path", "")), plan.workdir)
@@ -127,8 +129,31 @@ def check(plan: Plan, inventory: Inventory | None, keep_effective_batch: bool = 
         deepspeed_exists=ds_exists,
     )
     report.problems[:0] = report_problems
+    if profile and inventory is not None and inventory.count and not report.errors:
+        apply_profile(report, {**args, **report.updates}, inventory, model.config, world)
     new_plan = replace(plan, args={**plan.args, **report.updates}, notes=(*plan.notes, *report.notes))
     return GateResult(new_plan, report, inventory)
+
+
+def apply_profile(
+    report: Report, args: dict[str, Any], inventory: Inventory, config: dict[str, Any] | None, world: int
+) -> None:
+    import importlib.util
+
+    from .preflight import estimate_gpu_bytes, estimate_params
+    from .profile import GpuFacts, performance_profile
+
+    gpu = GpuFacts(
+        compute_capability=min(g.compute_capability for g in inventory.gpus),
+        memory_bytes=min(g.memory_total_mib for g in inventory.gpus) * 2**20,
+        liger_available=importlib.util.find_spec("liger_kernel") is not None,
+        flash_attn_available=importlib.util.find_spec("flash_attn") is not None,
+    )
+    params = estimate_params(config) if config else None
+    weights = estimate_gpu_bytes(params, args, world)[0] if params else None
+    updates, notes = performance_profile(args, gpu, config, weights)
+    report.updates.update(updates)
+    report.notes.extend(notes)
 
 
 def raise_on_errors(result: GateResult) -> None:

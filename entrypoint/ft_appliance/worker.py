@@ -70,6 +70,7 @@ def build_callback(state_dir: Path, attempt: int, stop: StopFlag) -> Any:
             self.tokens = 0.0
             self.stopping = False
             self.first_step = True
+            self.save_started = time.monotonic()
             self.step_started = time.monotonic()
             self._reduce_device: Any = None
 
@@ -80,6 +81,10 @@ def build_callback(state_dir: Path, attempt: int, stop: StopFlag) -> Any:
             ids = kwargs.get("input_ids", args[0] if args else None)
             if mask is not None and hasattr(mask, "dim") and mask.dim() == 2:
                 self.tokens += float((mask > 0).sum())
+            elif mask is not None and hasattr(mask, "dim") and mask.dim() == 4:
+                # neat_packing's block-diagonal mask: a real token attends to itself, padding to nothing.
+                diag = torch.diagonal(mask[:, 0], dim1=-2, dim2=-1)
+                self.tokens += float((diag if diag.dtype == torch.bool else diag == 0).sum())
             elif ids is not None and hasattr(ids, "numel"):
                 self.tokens += float(ids.numel())
 
@@ -119,9 +124,11 @@ def build_callback(state_dir: Path, attempt: int, stop: StopFlag) -> Any:
             self.tokens = 0.0
             now = time.monotonic()
             if rank == 0:
+                mem = {"mem_reserved": torch.cuda.max_memory_reserved()} if torch.cuda.is_available() else {}
                 statefiles.append_jsonl(
                     state_dir / statefiles.STEPS,
                     {
+                        **mem,
                         "attempt": attempt,
                         "step": state.global_step,
                         "max_steps": state.max_steps,
@@ -137,6 +144,7 @@ def build_callback(state_dir: Path, attempt: int, stop: StopFlag) -> Any:
                 self.stopping = True
                 control.should_save = True
                 control.should_training_stop = True
+            self.save_started = time.monotonic()
             return control
 
         def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
@@ -152,6 +160,16 @@ def build_callback(state_dir: Path, attempt: int, stop: StopFlag) -> Any:
                 dist.barrier()
             if rank == 0 and ckpt.is_dir():
                 statefiles.write_marker(ckpt, step=state.global_step, world_size=args.world_size)
+                statefiles.append_jsonl(
+                    state_dir / statefiles.EVENTS,
+                    {
+                        "event": "save",
+                        "attempt": attempt,
+                        "step": state.global_step,
+                        "seconds": round(time.monotonic() - self.save_started, 3),
+                        "time": time.time(),
+                    },
+                )
             if self.stopping:
                 if rank == 0:
                     statefiles.write_json(
