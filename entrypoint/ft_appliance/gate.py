@@ -7,6 +7,7 @@ another machine can be judged as well ("would this config fit on that box?").
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from dataclasses import dataclass, replace
@@ -129,6 +130,12 @@ def check(
         deepspeed_exists=ds_exists,
     )
     report.problems[:0] = report_problems
+    if args.get("enable_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
+        report.add(
+            "config.liger",
+            "enable_liger_kernel needs liger-kernel, which is not installed here (the GPU "
+            "image has it): remove enable_liger_kernel or run on the GPU image",
+        )
     if profile and inventory is not None and inventory.count and not report.errors:
         apply_profile(report, {**args, **report.updates}, inventory, model.config, world)
     new_plan = replace(plan, args={**plan.args, **report.updates}, notes=(*plan.notes, *report.notes))
@@ -138,8 +145,6 @@ def check(
 def apply_profile(
     report: Report, args: dict[str, Any], inventory: Inventory, config: dict[str, Any] | None, world: int
 ) -> None:
-    import importlib.util
-
     from .preflight import estimate_gpu_bytes, estimate_params
     from .profile import GpuFacts, performance_profile
 

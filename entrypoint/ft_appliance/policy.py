@@ -38,6 +38,11 @@ class WorkerFailure:
     phase: str
     """"setup" (before the first step of the attempt) or "train"."""
     rank: int = 0
+    kinds: tuple[str, ...] = ()
+    """The exception's class and its bases, so a subclass (PackageNotFoundError) counts as its base."""
+
+    def is_a(self, names: frozenset[str]) -> bool:
+        return self.type in names or any(k in names for k in self.kinds)
 
 
 @dataclass(frozen=True)
@@ -94,9 +99,9 @@ def classify(outcome: AttemptOutcome, history: Sequence[AttemptOutcome], crash_l
     if outcome.stop_requested:
         return Verdict.STOPPED
     failure = outcome.failure
-    if failure is not None and failure.type in RESOURCE_ERRORS:
+    if failure is not None and failure.is_a(RESOURCE_ERRORS):
         return Verdict.FATAL
-    if failure is not None and failure.phase == "setup" and failure.type in SETUP_ERRORS:
+    if failure is not None and failure.phase == "setup" and failure.is_a(SETUP_ERRORS):
         return Verdict.FATAL
     if not outcome.progressed:
         stuck = [outcome]

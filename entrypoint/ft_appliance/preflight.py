@@ -503,6 +503,12 @@ def run_checks(
     """All checks; inventory None means a CPU run (no GPU checks)."""
     report = Report()
     check_combinations(args, report, deepspeed_exists)
+    if inventory is None and any(args.get(k) for k in ("bf16", "fp16", "pure_bf16")):
+        report.add(
+            "config.cpu_precision",
+            "bf16/fp16 mixed precision needs a GPU and this is a CPU run: remove "
+            "bf16/fp16 from the config (or pass them as key=value only on GPU machines)",
+        )
     if inventory is not None:
         check_gpus(inventory, nproc, args, report)
         check_memory(inventory, model, args, world, report)

@@ -278,7 +278,9 @@ class Supervisor:
             exit_code=rc if rc is not None else -1,
             start_step=start_step,
             last_step=int(steps[-1]["step"]) if steps else None,
-            failure=WorkerFailure(first["type"], first["message"], first["phase"], first.get("rank", 0))
+            failure=WorkerFailure(
+                first["type"], first["message"], first["phase"], first.get("rank", 0), tuple(first.get("kinds", ()))
+            )
             if first
             else None,
             hung=hung,

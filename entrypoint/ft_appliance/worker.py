@@ -189,6 +189,7 @@ def _write_failure(state_dir: Path, attempt: int, exc: BaseException, phase: str
         "attempt": attempt,
         "rank": _rank(),
         "type": type(exc).__name__,
+        "kinds": [c.__name__ for c in type(exc).__mro__],
         "message": str(exc).strip().splitlines()[0][:500] if str(exc).strip() else "",
         "phase": phase,
         "traceback": "".join(traceback.format_exception(exc))[-4000:],

@@ -51,6 +51,21 @@ def fail(type_: str, phase: str) -> WorkerFailure:
         (out(rc=1, last=15, failure=fail("RuntimeError", "train")), [], Verdict.RETRY),
         (out(rc=1, failure=fail("ValueError", "setup")), [], Verdict.FATAL),  # bad config/data
         (out(rc=1, failure=fail("FileNotFoundError", "setup")), [], Verdict.FATAL),
+        # a subclass of a setup error (importlib's PackageNotFoundError is a ModuleNotFoundError)
+        (
+            out(
+                rc=1,
+                failure=WorkerFailure(
+                    "PackageNotFoundError",
+                    "x",
+                    "setup",
+                    0,
+                    ("PackageNotFoundError", "ModuleNotFoundError", "ImportError"),
+                ),
+            ),
+            [],
+            Verdict.FATAL,
+        ),
         (out(rc=1, last=3, failure=fail("OutOfMemoryError", "train")), [], Verdict.FATAL),
         # a ValueError after training started (say, in a later eval) is retried
         (out(rc=1, last=15, failure=fail("ValueError", "train")), [], Verdict.RETRY),

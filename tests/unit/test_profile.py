@@ -11,8 +11,12 @@ SEED = {"stage": "sft", "per_device_train_batch_size": 4, "cutoff_len": 2048}
 
 def test_seed_config_on_h100_gets_the_full_profile() -> None:
     updates, notes = performance_profile(SEED, H100, LLAMA_8B, 16 * 2**30)
-    assert updates == {"enable_liger_kernel": True, "packing": True, "neat_packing": True,
-                       "disable_gradient_checkpointing": True}
+    assert updates == {
+        "enable_liger_kernel": True,
+        "packing": True,
+        "neat_packing": True,
+        "disable_gradient_checkpointing": True,
+    }
     assert len([n for n in notes if n.startswith("profile: ")]) == 5  # four choices and the attention note
     assert any("SDPA; flash-attn is not installed" in n for n in notes)
 
@@ -29,8 +33,9 @@ def test_gradient_checkpointing_kept_when_memory_requires() -> None:
     updates, notes = performance_profile(SEED, small, LLAMA_8B, 16 * 2**30)
     assert "disable_gradient_checkpointing" not in updates
     assert any("gradient checkpointing kept" in n for n in notes)
-    assert fits_without_checkpointing(16 * 2**30, LLAMA_8B, {"per_device_train_batch_size": 1, "cutoff_len": 512},
-                                      24 * 2**30)[0]
+    assert fits_without_checkpointing(
+        16 * 2**30, LLAMA_8B, {"per_device_train_batch_size": 1, "cutoff_len": 512}, 24 * 2**30
+    )[0]
 
 
 def test_no_liger_no_fa2_and_other_stages() -> None:

@@ -1,0 +1,292 @@
+"""GPU benchmark: the seed configuration (Llama-3.1-8B architecture, random weights, LoRA r8 on all
+linear layers, bf16, per_device 4 x grad_accum 2, cutoff 2048) under plain LlamaFactory and under the
+appliance, on one GPU machine without network.
+
+    python benchmarks/bench.py --workdir /tmp/bench --steps 30 [CASE ...]
+
+Builds the model, a local tokenizer with the llama3 special tokens and a synthetic dataset of
+200-1500-token examples, then runs each case and prints one table row per case: real (non-padding)
+tokens/s per GPU, s/step, peak reserved memory, MFU (4N), launch to first step, checkpoint save.
+Results also go to $OUT/bench.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+N_PARAMS = 7.505e9  # the issue's convention for MFU (4N): frozen base, no weight gradients
+PEAK_FLOPS = 989e12  # H100 SXM dense bf16
+LLAMA_8B = dict(
+    hidden_size=4096,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    intermediate_size=14336,
+    vocab_size=128256,
+    max_position_embeddings=131072,
+    rms_norm_eps=1e-5,
+    rope_theta=500000.0,
+    tie_word_embeddings=False,
+    rope_scaling={
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    },
+)
+SPECIAL = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|finetune_right_pad_id|>",
+    "<|python_tag|>",
+]
+
+# Each case: (runner, overrides, appliance flags). "lf-cli" runs llamafactory-cli itself.
+CASES: dict[str, tuple[str, dict, list[str]]] = {
+    "lf-cli": ("lf", {}, []),
+    "defaults": ("ft", {}, ["--no-profile"]),
+    "liger": ("ft", {"enable_liger_kernel": True}, ["--no-profile"]),
+    "liger+packing": ("ft", {"enable_liger_kernel": True, "packing": True}, ["--no-profile"]),
+    "liger+neat": ("ft", {"enable_liger_kernel": True, "packing": True, "neat_packing": True}, ["--no-profile"]),
+    "liger+packing+nogc": (
+        "ft",
+        {"enable_liger_kernel": True, "packing": True, "disable_gradient_checkpointing": True},
+        ["--no-profile"],
+    ),
+    "profile": ("ft", {}, []),
+}
+
+
+def build(work: Path, n_examples: int = 3000) -> None:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    model_dir = work / "models" / "llama-8b-random"
+    rng = random.Random(0)
+    words = [("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))) for _ in range(5000)]
+    if not (model_dir / "config.json").exists():
+        t0 = time.time()
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=8000,
+            special_tokens=SPECIAL,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
+        tok.train_from_iterator([" ".join(rng.choices(words, k=200)) for _ in range(2000)], trainer=trainer)
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            bos_token="<|begin_of_text|>",
+            eos_token="<|eot_id|>",
+            pad_token="<|finetune_right_pad_id|>",
+        )
+        fast.save_pretrained(model_dir)
+        config = LlamaConfig(**LLAMA_8B, torch_dtype="bfloat16")
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16)
+        model.save_pretrained(model_dir)
+        del model
+        torch.cuda.empty_cache()
+        print(f"model and tokenizer built in {time.time() - t0:.0f} s", flush=True)
+    data = work / "datasets"
+    data.mkdir(parents=True, exist_ok=True)
+    if not (data / "synthetic.json").exists():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        examples = []
+        for _ in range(n_examples):
+            target = rng.randint(200, 1500)
+            n_words = int(target / 1.6)
+            prompt = " ".join(rng.choices(words, k=n_words // 3))
+            answer = " ".join(rng.choices(words, k=n_words - n_words // 3))
+            examples.append({"instruction": prompt, "input": "", "output": answer})
+        lens = [len(tok(e["instruction"] + " " + e["output"])["input_ids"]) for e in examples[:200]]
+        (data / "synthetic.json").write_text(json.dumps(examples))
+        (data / "dataset_info.json").write_text(json.dumps({"synthetic": {"file_name": "synthetic.json"}}))
+        print(
+            f"dataset: {n_examples} examples, tokens per example {min(lens)}-{max(lens)} "
+            f"(mean {sum(lens) / len(lens):.0f})",
+            flush=True,
+        )
+
+
+def seed_config(work: Path, name: str, steps: int, overrides: dict) -> Path:
+    cfg = {
+        "model_name_or_path": str(work / "models" / "llama-8b-random"),
+        "stage": "sft",
+        "do_train": True,
+        "finetuning_type": "lora",
+        "lora_rank": 8,
+        "lora_target": "all",
+        "dataset": "synthetic",
+        "dataset_dir": str(work / "datasets"),
+        "template": "llama3",
+        "cutoff_len": 2048,
+        "overwrite_cache": False,
+        "preprocessing_num_workers": 16,
+        "dataloader_num_workers": 4,
+        "output_dir": str(work / "output" / name),
+        "logging_steps": 1,
+        "save_strategy": "steps",
+        "save_steps": 10,
+        "per_device_train_batch_size": 4,
+        "gradient_accumulation_steps": 2,
+        "learning_rate": 2.0e-4,
+        "lr_scheduler_type": "cosine",
+        "warmup_ratio": 0.1,
+        "bf16": True,
+        "max_steps": steps,
+        "report_to": "none",
+        "seed": 42,
+    }
+    cfg.update(overrides)
+    path = work / "configs" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_case(work: Path, name: str, steps: int, kill_at: int | None = None, extra: dict | None = None) -> dict:
+    runner, overrides, flags = CASES[name]
+    cfg = seed_config(work, name, steps, {**overrides, **(extra or {})})
+    out = work / "output" / name
+    log = work / f"{name}.log"
+    env = {**os.environ}
+    if runner == "lf":
+        argv = [sys.executable, "-c", "from llamafactory.cli import main; main()", "train", str(cfg)]
+    else:
+        argv = [sys.executable, "-m", "ft_appliance", "train", str(cfg), "--backoff", "0", *flags]
+    t0 = time.time()
+    arrivals: dict[int, float] = {}  # LlamaFactory's trainer_log.jsonl line count -> when it was reached
+    lf_log_path = out / "trainer_log.jsonl"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, env=env)
+        killed = None
+        while proc.poll() is None:
+            # Both runners write LlamaFactory's log once per step (logging_steps 1): timing its lines
+            # measures plain LlamaFactory and the appliance the same way.
+            try:
+                n = lf_log_path.read_text().count("\n")
+            except OSError:
+                n = 0
+            if n and n not in arrivals:
+                arrivals[n] = time.time()
+            if kill_at is not None and killed is None:
+                s = read_jsonl(out / ".ft" / "steps.jsonl")
+                if s and s[-1]["step"] >= kill_at:
+                    pattern = f"ft_appliance.worker {out}"
+                    workers = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+                    for pid in workers:
+                        os.kill(int(pid), signal.SIGKILL)
+                    killed = time.time()
+            time.sleep(0.01)
+        rc = proc.wait()
+    wall = time.time() - t0
+    result = {"case": name, "rc": rc, "wall_s": round(wall, 1), "overrides": overrides, "flags": flags}
+    marks = sorted(arrivals)
+    gaps = [
+        arrivals[b] - arrivals[a]
+        for a, b in zip(marks, marks[1:], strict=False)
+        if b == a + 1 and a >= 5 and a % 10 != 0
+    ]
+    if kill_at is None and gaps:
+        result["s_per_step_lf_log"] = round(sum(gaps) / len(gaps), 3)
+    steps_rec = read_jsonl(out / ".ft" / "steps.jsonl")
+    if steps_rec:
+        last_attempt = steps_rec[-1]["attempt"]
+        mine = [r for r in steps_rec if r["attempt"] == last_attempt and not r.get("first")]
+        steady = [r for r in mine if r["step"] > 5 and r["step"] % 10 != 1]  # leave out steps after a save
+        sec = sum(r["seconds"] for r in steady)
+        tok = sum(r["tokens"] for r in steady)
+        result.update(
+            s_per_step=round(sec / len(steady), 3),
+            real_tok_s=round(tok / sec),
+            tokens_per_step=round(tok / len(steady)),
+            peak_reserved_gib=round(max(r.get("mem_reserved", 0) for r in steps_rec) / 2**30, 1),
+        )
+        result["mfu_4n"] = round(result["real_tok_s"] * 4 * N_PARAMS / PEAK_FLOPS * 100, 1)
+        first = steps_rec[0]
+        result["launch_to_first_step_s"] = round(first["time"] - t0 - first["seconds"], 1)
+        result["first_step_s"] = first["seconds"]
+        saves = [e for e in read_jsonl(out / ".ft" / "events.jsonl") if e.get("event") == "save"]
+        if saves:
+            result["save_s"] = max(e["seconds"] for e in saves)
+        if killed is not None:
+            resumed = [r for r in steps_rec if r["attempt"] > 1]
+            if resumed:
+                result["crash_to_first_resumed_step_s"] = round(resumed[0]["time"] - killed, 1)
+                result["resumed_at_step"] = resumed[0]["step"]
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def table(results: list[dict]) -> str:
+    rows = [
+        "| case | real tok/s | s/step | peak reserved | MFU (4N) | launch→1st step | save |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        rows.append(
+            f"| {r['case']} | {r.get('real_tok_s', '-')} | {r.get('s_per_step', r.get('s_per_step_lf_log', '-'))}"
+            f" | {r.get('peak_reserved_gib', '-')} GiB | {r.get('mfu_4n', '-')}% | "
+            f"{r.get('launch_to_first_step_s', '-')} s | {r.get('save_s', '-')} s |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/ft-bench"))
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--kill-at", type=int, default=None, help="SIGKILL the workers at this step (profile case)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra config override for every case (a CPU smoke test: --set bf16=false)",
+    )
+    ap.add_argument("cases", nargs="*", default=list(CASES))
+    a = ap.parse_args()
+    os.environ.setdefault("HF_HOME", str(a.workdir / "hf"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRITON_CACHE_DIR", str(a.workdir / "triton"))
+    build(a.workdir)
+    extra = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in a.set)}
+    results = [run_case(a.workdir, c, a.steps, a.kill_at if c == "profile" else None, extra) for c in a.cases]
+    print(table(results))
+    out = os.environ.get("OUT")
+    if out:
+        prev = Path(out) / "bench.json"
+        prev.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
