@@ -280,12 +280,13 @@ def main() -> None:
     os.environ.setdefault("TRITON_CACHE_DIR", str(a.workdir / "triton"))
     build(a.workdir)
     extra = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in a.set)}
-    results = [run_case(a.workdir, c, a.steps, a.kill_at if c == "profile" else None, extra) for c in a.cases]
-    print(table(results))
     out = os.environ.get("OUT")
-    if out:
-        prev = Path(out) / "bench.json"
-        prev.write_text(json.dumps(results, indent=1))
+    results = []
+    for case in a.cases:
+        results.append(run_case(a.workdir, case, a.steps, a.kill_at if case == "profile" else None, extra))
+        if out:  # after every case, so a run cut short still reports what it measured
+            (Path(out) / "bench.json").write_text(json.dumps(results, indent=1))
+    print(table(results))
 
 
 if __name__ == "__main__":
