@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,6 +177,7 @@ def run_case(work: Path, name: str, steps: int, kill_at: int | None = None, extr
     runner, overrides, flags = CASES[name]
     cfg = seed_config(work, name, steps, {**overrides, **(extra or {})})
     out = work / "output" / name
+    shutil.rmtree(out, ignore_errors=True)  # every case trains from scratch
     log = work / f"{name}.log"
     env = {**os.environ}
     if runner == "lf":
