@@ -236,7 +236,9 @@ def run_case(work: Path, name: str, steps: int, kill_at: int | None = None, extr
         first = steps_rec[0]
         result["launch_to_first_step_s"] = round(first["time"] - t0 - first["seconds"], 1)
         result["first_step_s"] = first["seconds"]
-        saves = [e for e in read_jsonl(out / ".ft" / "events.jsonl") if e.get("event") == "save"]
+        events = read_jsonl(out / ".ft" / "events.jsonl")
+        result["startup"] = startup_breakdown(events, steps_rec, attempt=1)
+        saves = [e for e in events if e.get("event") == "save"]
         if saves:
             result["save_s"] = max(e["seconds"] for e in saves)
         if killed is not None:
@@ -244,8 +246,32 @@ def run_case(work: Path, name: str, steps: int, kill_at: int | None = None, extr
             if resumed:
                 result["crash_to_first_resumed_step_s"] = round(resumed[0]["time"] - killed, 1)
                 result["resumed_at_step"] = resumed[0]["step"]
+                result["resume_startup"] = startup_breakdown(events, steps_rec, attempt=resumed[0]["attempt"])
     print(json.dumps(result), flush=True)
     return result
+
+
+def startup_breakdown(events: list[dict], steps_rec: list[dict], attempt: int) -> dict:
+    """Seconds spent in each phase from the CLI's start to the end of the attempt's first step."""
+    ev = {e["event"]: e for e in events if e.get("attempt") == attempt}
+    first = next((r for r in steps_rec if r["attempt"] == attempt), None)
+    if not {"launch", "worker_imports", "train_begin"} <= ev.keys() or first is None:
+        return {}
+    launch, imports, begin = ev["launch"], ev["worker_imports"], ev["train_begin"]
+    out = (
+        {}
+        if attempt > 1
+        else {
+            "cli_to_launch (imports, preflight)": launch["time"] - (launch.get("cli_start") or launch["time"]),
+        }
+    )
+    out |= {
+        "launch_to_worker_process (torchrun)": imports["process_start"] - launch["time"],
+        "worker_imports (torch, transformers, llamafactory)": imports["time"] - imports["process_start"],
+        "imports_to_train_begin (model load, data, LoRA)": begin["time"] - imports["time"],
+        "first_step": first["time"] - begin["time"],
+    }
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def table(results: list[dict]) -> str:

@@ -20,7 +20,7 @@ from .environment import read_datasets, read_env, read_model
 from .errors import PreflightError
 from .hardware import Inventory, InventorySource, inventory_from_dict
 from .preflight import SPECIAL_TOKEN_RE, Report, RunMeta, exit_code_for, run_checks
-from .schema import check_args, load_schema
+from .schema import ArgSpec, check_args, load_schema
 
 RUN_META = "run-meta.json"
 
@@ -38,6 +38,45 @@ def recorded_inventory(path: Path) -> InventorySource:
         return inventory_from_dict(json.loads(path.read_text()))
 
     return source
+
+
+def _cache_file() -> Path | None:
+    """Where LlamaFactory's schema is cached, keyed by the installed versions: reading it from the
+    dataclasses imports torch and transformers, seconds on every start."""
+    import os
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        key = f"llamafactory-{version('llamafactory')}-transformers-{version('transformers')}"
+    except PackageNotFoundError:
+        return None
+    base = (
+        os.environ.get("FT_CACHE_DIR")
+        or (str(Path(os.environ["HF_HOME"]) / "ft-appliance") if os.environ.get("HF_HOME") else None)
+        or str(Path.home() / ".cache" / "ft-appliance")
+    )
+    return Path(base) / f"schema-{key}.json"
+
+
+def schema_and_templates() -> tuple[dict[str, ArgSpec], dict[str, set[str]]]:
+    path = _cache_file()
+    data = statefiles.read_json(path) if path else None
+    if isinstance(data, dict) and "schema" in data and "templates" in data:
+        schema = {k: ArgSpec(k, frozenset(v["kinds"]), tuple(v["choices"])) for k, v in data["schema"].items()}
+        return schema, {k: set(v) for k, v in data["templates"].items()}
+    schema, templates = load_schema(), template_tokens()
+    if path is not None:
+        try:
+            statefiles.write_json(
+                path,
+                {
+                    "schema": {k: {"kinds": sorted(v.kinds), "choices": list(v.choices)} for k, v in schema.items()},
+                    "templates": {k: sorted(v) for k, v in templates.items()},
+                },
+            )
+        except OSError:
+            pass  # a read-only home only costs the import next time
+    return schema, templates
 
 
 def template_tokens() -> dict[str, set[str]]:
@@ -103,7 +142,8 @@ def check(
     plan: Plan, inventory: Inventory | None, keep_effective_batch: bool = False, profile: bool = True
 ) -> GateResult:
     args = plan.args
-    report_problems = check_args(args, load_schema(), str(plan.config_path))
+    schema, templates = schema_and_templates()
+    report_problems = check_args(args, schema, str(plan.config_path))
     model = read_model(str(args.get("model_name_or_path", "")), plan.workdir)
     data_dir = Path(str(args.get("dataset_dir", "data")))
     if not data_dir.is_absolute():
@@ -124,7 +164,7 @@ def check(
         env=read_env(plan.output_dir),
         model=model,
         data=data,
-        templates=template_tokens(),
+        templates=templates,
         previous=read_run_meta(plan.output_dir),
         keep_effective_batch=keep_effective_batch,
         deepspeed_exists=ds_exists,

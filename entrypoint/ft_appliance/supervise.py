@@ -212,6 +212,10 @@ class Supervisor:
         self.say("launch: " + " ".join(spec.argv))
         self.write_status("training", resumed_from=start_step)
 
+        statefiles.append_jsonl(
+            self.sd / statefiles.EVENTS,
+            {"event": "launch", "attempt": number, "time": time.time(), "cli_start": _process_start()},
+        )
         proc = TrainingProcess(spec, self.echo)
         try:
             hung, stop_sig = self.monitor(proc, number)
@@ -384,6 +388,15 @@ class Supervisor:
         return RetriesExhausted(
             f"training failed {len(self.history)} times, restarts used up (last: {describe(o)}; log: {log})"
         )
+
+
+def _process_start() -> float | None:
+    import psutil
+
+    try:
+        return psutil.Process().create_time()
+    except psutil.Error:
+        return None
 
 
 def describe(o: AttemptOutcome) -> str:
