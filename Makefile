@@ -40,6 +40,15 @@ lint: venv ## ruff check and format check
 soak: venv ## Crash-resume soak on the demo: random SIGKILLs and SIGTERMs vs an uninterrupted run
 	$(VENV)/bin/ft-appliance soak --kills 6 --terms 2 --seed 1 ft-soak
 
+.PHONY: bench
+bench: ## GPU benchmark of the seed config (run on a GPU machine; see docs/benchmarks.md)
+	PYTHONPATH=entrypoint $(PYTHON) benchmarks/bench.py --workdir /tmp/ft-bench --steps 25
+
+.PHONY: bench-cpu
+bench-cpu: venv ## CPU overhead and resume-time benchmark on the tiny model
+	FT_NPROC=2 PYTHONPATH=entrypoint $(PY) benchmarks/bench.py --tiny --workdir /tmp/ft-bench-cpu \
+	  --steps 60 --set save_steps=10 --kill-at 25 profile
+
 .PHONY: build
 build: ## Build the GPU image ($(IMAGE))
 	docker build -t $(IMAGE) .

@@ -73,7 +73,7 @@ CASES: dict[str, tuple[str, dict, list[str]]] = {
 }
 
 
-def build(work: Path, n_examples: int = 3000) -> None:
+def build(work: Path, n_examples: int = 3000, tiny: bool = False) -> None:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -81,6 +81,12 @@ def build(work: Path, n_examples: int = 3000) -> None:
     model_dir = work / "models" / "llama-8b-random"
     rng = random.Random(0)
     words = [("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))) for _ in range(5000)]
+    if tiny and not (model_dir / "config.json").exists():
+        # CPU variant: the demo's tiny Llama (hidden 64, 2 layers) under the same name.
+        from ft_appliance.demo import build_model, build_tokenizer
+
+        fast = build_tokenizer([" ".join(rng.choices(words, k=200)) for _ in range(500)], model_dir)
+        build_model(model_dir, vocab_size=len(fast))
     if not (model_dir / "config.json").exists():
         t0 = time.time()
         tok = Tokenizer(models.BPE())
@@ -116,7 +122,7 @@ def build(work: Path, n_examples: int = 3000) -> None:
         tok = AutoTokenizer.from_pretrained(model_dir)
         examples = []
         for _ in range(n_examples):
-            target = rng.randint(200, 1500)
+            target = rng.randint(20, 150) if tiny else rng.randint(200, 1500)
             n_words = int(target / 1.6)
             prompt = " ".join(rng.choices(words, k=n_words // 3))
             answer = " ".join(rng.choices(words, k=n_words - n_words // 3))
@@ -300,14 +306,17 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="extra config override for every case (a CPU smoke test: --set bf16=false)",
     )
+    ap.add_argument("--tiny", action="store_true", help="CPU run on the tiny demo Llama (overhead, resume time)")
     ap.add_argument("cases", nargs="*", default=list(CASES))
     a = ap.parse_args()
+    extra = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in a.set)}
     os.environ.setdefault("HF_HOME", str(a.workdir / "hf"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRITON_CACHE_DIR", str(a.workdir / "triton"))
-    build(a.workdir)
-    extra = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in a.set)}
+    if a.tiny:  # CPU: the tiny model, short examples, fp32, every core's process
+        extra = {"bf16": False, "cutoff_len": 256, "preprocessing_num_workers": 2, "dataloader_num_workers": 0, **extra}
+    build(a.workdir, tiny=a.tiny)
     out = os.environ.get("OUT")
     results = []
     for case in a.cases:
