@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import yaml
+from ft_appliance.demo import build_tokenizer
 
 N_PARAMS = 7.505e9  # the convention for MFU (4N): frozen base, no weight gradients
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
@@ -46,16 +47,6 @@ LLAMA_8B = dict(
         "original_max_position_embeddings": 8192,
     },
 )
-SPECIAL = [
-    "<|begin_of_text|>",
-    "<|end_of_text|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-    "<|eom_id|>",
-    "<|finetune_right_pad_id|>",
-    "<|python_tag|>",
-]
 
 # Each case: (runner, overrides, appliance flags). "lf-cli" runs llamafactory-cli itself.
 CASES: dict[str, tuple[str, dict, list[str]]] = {
@@ -75,37 +66,20 @@ CASES: dict[str, tuple[str, dict, list[str]]] = {
 
 def build(work: Path, n_examples: int = 3000, tiny: bool = False) -> None:
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     model_dir = work / "models" / "llama-8b-random"
     rng = random.Random(0)
     words = [("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))) for _ in range(5000)]
     if tiny and not (model_dir / "config.json").exists():
         # CPU variant: the demo's tiny Llama (hidden 64, 2 layers) under the same name.
-        from ft_appliance.demo import build_model, build_tokenizer
+        from ft_appliance.demo import build_model
 
         fast = build_tokenizer([" ".join(rng.choices(words, k=200)) for _ in range(500)], model_dir)
         build_model(model_dir, vocab_size=len(fast))
     if not (model_dir / "config.json").exists():
         t0 = time.time()
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=8000,
-            special_tokens=SPECIAL,
-            show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        )
-        tok.train_from_iterator([" ".join(rng.choices(words, k=200)) for _ in range(2000)], trainer=trainer)
-        fast = PreTrainedTokenizerFast(
-            tokenizer_object=tok,
-            bos_token="<|begin_of_text|>",
-            eos_token="<|eot_id|>",
-            pad_token="<|finetune_right_pad_id|>",
-        )
-        fast.save_pretrained(model_dir)
+        build_tokenizer([" ".join(rng.choices(words, k=200)) for _ in range(2000)], model_dir, vocab_size=8000)
         config = LlamaConfig(**LLAMA_8B, torch_dtype="bfloat16")
         torch.manual_seed(0)
         with torch.device("cuda"):

@@ -16,6 +16,19 @@ import psutil
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+INVENTORIES = REPO / "tests" / "fixtures" / "inventories"
+# config.json of the Llama-3.1-8B architecture: what preflight's memory estimates read.
+LLAMA_8B_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "intermediate_size": 14336,
+    "vocab_size": 128256,
+    "tie_word_embeddings": False,
+}
 
 
 def offline_env(hf_home: Path) -> dict[str, str]:

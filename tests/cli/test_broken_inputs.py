@@ -13,17 +13,7 @@ import yaml
 from click.testing import CliRunner
 from ft_appliance.cli import cli
 
-INVENTORIES = Path(__file__).resolve().parents[1] / "fixtures" / "inventories"
-LLAMA_8B = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 4096,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "intermediate_size": 14336,
-    "vocab_size": 128256,
-}
+from tests.helpers import INVENTORIES, LLAMA_8B_CONFIG
 
 
 class Case:
@@ -79,7 +69,7 @@ def write_file(rel: str, text: str) -> Callable[[Case], None]:
 
 def big_model_on(card: str) -> Callable[[Case], None]:
     def f(c: Case) -> None:
-        (c.model / "config.json").write_text(json.dumps(LLAMA_8B))
+        (c.model / "config.json").write_text(json.dumps(LLAMA_8B_CONFIG))
         c.on(card)
 
     return f

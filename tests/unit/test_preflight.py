@@ -20,16 +20,10 @@ from ft_appliance.preflight import (
     run_checks,
 )
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "inventories"
-LLAMA_8B = {
-    "hidden_size": 4096,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "intermediate_size": 14336,
-    "vocab_size": 128256,
-    "tie_word_embeddings": False,
-}
+from tests.helpers import INVENTORIES, LLAMA_8B_CONFIG
+
+FIXTURES = INVENTORIES
+LLAMA_8B = LLAMA_8B_CONFIG
 LLAMA_70B = {
     **LLAMA_8B,
     "hidden_size": 8192,
