@@ -61,10 +61,12 @@ def supervisor_options(f: Callable[..., Any]) -> Callable[..., Any]:
     opts = [
         click.option(
             "--nproc",
+            "--gpus",
+            "nproc",
             type=click.IntRange(min=1),
-            envvar="FT_NPROC",
+            envvar=["FT_NPROC", "FT_GPUS"],
             show_envvar=True,
-            help="Training processes on this node [default: every visible GPU].",
+            help="Training processes (GPUs) on this node [default: every visible GPU].",
         ),
         click.option(
             "--max-restarts",

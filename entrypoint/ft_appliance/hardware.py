@@ -69,15 +69,16 @@ def _visible_filter(n: int) -> list[int]:
 
 
 def read_nvml() -> Inventory:
+    """NVML first (no CUDA context, nothing allocated); torch's view when NVML cannot be read."""
     torch_cuda = _torch_cuda_version()
     try:
         import pynvml
     except ImportError:
-        return Inventory((), None, None, torch_cuda, "nvml", "nvidia-ml-py is not installed")
+        return read_torch(torch_cuda, "nvidia-ml-py is not installed")
     try:
         pynvml.nvmlInit()
     except pynvml.NVMLError as exc:
-        return Inventory((), None, None, torch_cuda, "nvml", f"NVML could not start ({exc}): no NVIDIA driver visible")
+        return read_torch(torch_cuda, f"NVML could not start ({exc}): no NVIDIA driver visible")
     try:
         driver = _s(pynvml.nvmlSystemGetDriverVersion())
         cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
@@ -110,6 +111,25 @@ def read_nvml() -> Inventory:
     finally:
         with contextlib.suppress(pynvml.NVMLError):
             pynvml.nvmlShutdown()
+
+
+def read_torch(torch_cuda: str | None, nvml_error: str) -> Inventory:
+    """The fallback: only when torch is a CUDA build, since importing it costs seconds."""
+    if torch_cuda is None:
+        return Inventory((), None, None, None, "nvml", nvml_error)
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return Inventory((), None, None, torch_cuda, "torch", f"{nvml_error}; torch sees no CUDA device")
+        gpus = []
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            free, total = torch.cuda.mem_get_info(i)
+            gpus.append(GpuInfo(i, p.name, total // 2**20, free // 2**20, (p.major, p.minor)))
+        return Inventory(tuple(gpus), None, None, torch_cuda, "torch")
+    except Exception as exc:  # noqa: BLE001 - a broken CUDA setup reads as "no GPU", with the reason
+        return Inventory((), None, None, torch_cuda, "torch", f"{nvml_error}; torch: {exc}")
 
 
 def _s(value: Any) -> str:

@@ -86,3 +86,11 @@ def test_status_without_state(tmp_path: Path) -> None:
     res = run_cli("status", str(tmp_path))
     assert res.returncode == 3
     assert "no run state" in _one_error_line(res)
+
+
+def test_gpus_is_an_alias_of_nproc_with_its_env_mirror(make_config) -> None:
+    res = run_cli("check", str(make_config()), "--json", env={"FT_GPUS": "2"})
+    assert res.returncode == 0, res.stderr
+    assert '"nproc": 2' in res.stdout
+    res = run_cli("check", str(make_config()), "--gpus", "1", "--json")
+    assert '"nproc": 1' in res.stdout
