@@ -125,6 +125,16 @@ def test_read_only_volume_is_refused_before_training(volume: str) -> None:
     assert "is not writable by this user" in res.stderr
 
 
+def test_full_output_volume_is_refused_before_training(volume: str) -> None:
+    cfg, _ = demo_layout(volume, 10, 5, "full")
+    # A 1 MiB output volume, writable by the container's user: not room for one checkpoint.
+    tiny = "type=tmpfs,destination=/data/output/full,tmpfs-size=1048576,tmpfs-mode=1777"
+    res = sh(*RUN, "-v", f"{volume}:/data", "--mount", tiny, IMAGE, "train", cfg, "--nproc", "2", check=False)
+    assert res.returncode == 8, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "free on the output volume but one checkpoint needs about" in lines[0]
+
+
 def test_demo_trains_in_the_container_and_files_belong_to_its_user(volume: str) -> None:
     res = sh(
         *RUN, "-v", f"{volume}:/data", IMAGE, "demo", "/data", "--max-steps", "10", "--save-steps", "5", timeout=300
