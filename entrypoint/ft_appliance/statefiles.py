@@ -83,9 +83,24 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def last_jsonl(path: Path) -> dict[str, Any] | None:
-    records = read_jsonl(path)
-    return records[-1] if records else None
+def last_jsonl(path: Path, tail_bytes: int = 8192) -> dict[str, Any] | None:
+    """The last complete record, reading only the end of the file (the supervisor polls this)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - tail_bytes))
+            chunk = fh.read().decode("utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in reversed(chunk.splitlines()):
+        try:
+            item = json.loads(line)
+        except ValueError:
+            continue  # a torn last line, or the cut first line of the chunk
+        if isinstance(item, dict):
+            return item
+    return None
 
 
 def list_files(root: Path) -> dict[str, int]:

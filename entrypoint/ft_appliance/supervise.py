@@ -125,7 +125,6 @@ class Supervisor:
         self.out = plan.output_dir
         self.sd = statefiles.state_dir(plan.output_dir)
         self.history: list[AttemptOutcome] = []
-        self.lost: list[int] = []
 
     # --- status -------------------------------------------------------------------------------
     def say(self, msg: str) -> None:
@@ -133,6 +132,7 @@ class Supervisor:
 
     def write_status(self, state: str, **extra: Any) -> None:
         p = self.current_progress()
+        restarts, lost = restart_history(self.sd)
         self.beat(state, p.step if p else None)
         statefiles.write_json(
             self.sd / statefiles.STATUS,
@@ -141,8 +141,8 @@ class Supervisor:
                 "output_dir": str(self.out),
                 "pid": os.getpid(),
                 "attempt": self.history[-1].attempt if self.history else None,
-                "restarts": max(0, len(self.history) - 1),
-                "steps_lost": self.lost,
+                "restarts": restarts,
+                "steps_lost": lost,
                 "progress": p.to_dict() if p else None,
                 "updated": time.time(),
                 **extra,
@@ -202,8 +202,6 @@ class Supervisor:
         else:
             self.say(f"attempt {number}: starting from step 0")
         start_step = chosen.step if chosen is not None else 0
-        if self.history and self.history[-1].last_step is not None:
-            self.lost.append(steps_lost(self.history[-1].last_step, start_step))
         (self.sd / statefiles.STOPPED).unlink(missing_ok=True)
         run_file = attempt_dir / "run.json"
         statefiles.write_json(run_file, {"args": args, "state_dir": str(self.sd), "attempt": number})
@@ -253,9 +251,9 @@ class Supervisor:
                 )
                 proc.kill_tree()
                 return True, 0
-            logs = statefiles.read_jsonl(self.sd / statefiles.LOG)
-            if len(logs) != seen_logs or (last_step_seen is not None and now - last_line_at > 30):
-                seen_logs = len(logs)
+            log_size = _size(self.sd / statefiles.LOG)
+            if log_size != seen_logs or (last_step_seen is not None and now - last_line_at > 30):
+                seen_logs = log_size
                 p = self.current_progress()
                 if p is not None and last_step_seen is not None:
                     self.say(format_progress(p))
@@ -324,13 +322,14 @@ class Supervisor:
             raise Stopped("stopped during a restart wait; start again to resume", exc.signum) from None
         p = self.current_progress()
         self.write_status("finished")
+        restarts, lost = restart_history(self.sd)
         return RunResult(
             "finished",
             self.out,
             step=p.step if p else 0,
             max_steps=p.max_steps if p else 0,
-            restarts=len(self.history) - 1,
-            steps_lost=self.lost,
+            restarts=restarts,
+            steps_lost=lost,
             progress=p,
             artifacts=artifacts(self.out),
             attempts=self.history,
@@ -388,6 +387,29 @@ class Supervisor:
         return RetriesExhausted(
             f"training failed {len(self.history)} times, restarts used up (last: {describe(o)}; log: {log})"
         )
+
+
+def restart_history(sd: Path) -> tuple[int, list[int]]:
+    """Restarts of this run and the steps each one lost, from the files: counted the same whether the
+    restart was this supervisor's or a new container's."""
+    attempts = sorted(int(p.name) for p in (sd / "attempts").glob("*") if p.name.isdigit())
+    last_step: dict[int, int] = {}
+    for rec in statefiles.read_jsonl(sd / statefiles.STEPS):
+        last_step[int(rec.get("attempt", 0))] = int(rec["step"])
+    lost = []
+    for prev, cur in zip(attempts, attempts[1:], strict=False):
+        run = statefiles.read_json(sd / "attempts" / str(cur) / "run.json") or {}
+        ckpt = Path(str(run.get("args", {}).get("resume_from_checkpoint") or ""))
+        m = checkpoints.CHECKPOINT_RE.match(ckpt.name)
+        lost.append(steps_lost(last_step.get(prev), int(m.group(1)) if m else 0))
+    return max(0, len(attempts) - 1), lost
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _process_start() -> float | None:

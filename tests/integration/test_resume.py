@@ -211,6 +211,9 @@ def test_sigterm_saves_a_checkpoint_and_resumes_with_zero_lost_steps(make_config
     second = [r["step"] for r in steps(out) if r["attempt"] == 2]
     assert second[0] == s + 1  # zero lost steps
     assert trainer_state(out)["global_step"] == 80
+    # the restart was a new process (as a new container would be): still counted, honestly
+    assert status(out)["restarts"] == 1 and status(out)["steps_lost"] == [0]
+    assert "restarts 1; steps lost 0" in res.stdout
 
 
 def test_crash_loop_is_detected_and_stopped(make_config, tmp_path: Path) -> None:
