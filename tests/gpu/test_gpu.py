@@ -36,3 +36,29 @@ def test_check_and_short_bf16_lora_run_on_every_gpu(tmp_path: Path) -> None:
     assert trainer_state(out)["global_step"] == 20
     result = json.loads(res.stdout)
     assert result["progress"]["tokens"] > 0 and result["progress"]["loss"] < result["progress"]["first_loss"]
+
+
+def test_sigterm_on_gpu_saves_exits_and_frees_the_gpu(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    from ft_appliance.demo import build_demo
+
+    from tests.helpers import last_step, start_cli, wait_for
+
+    cfg = build_demo(tmp_path / "data", max_steps=400, save_steps=200)
+    out = tmp_path / "data" / "output" / "demo-lora"
+    sup = start_cli("train", str(cfg), log=tmp_path / "log")
+    wait_for(lambda: last_step(out) >= 20, 300, what="step 20")
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(120) == 143, (tmp_path / "log").read_text()[-3000:]
+    s = json.loads((out / ".ft" / "stopped.json").read_text())["step"]
+    assert (out / f"checkpoint-{s}" / ".ft-complete.json").exists()
+    apps = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"], capture_output=True, text=True
+    ).stdout.strip()
+    assert apps == "", f"GPU memory still held by: {apps}"
+    res = run_cli("train", str(cfg), timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert trainer_state(out)["global_step"] == 400
+    assert "restarts 1; steps lost 0" in res.stdout
