@@ -160,6 +160,13 @@ def supervisor_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "gradient checkpointing); train exactly as the YAML says.",
         ),
         click.option(
+            "--no-autotune",
+            is_flag=True,
+            envvar="FT_NO_AUTOTUNE",
+            show_envvar=True,
+            help="Do not probe for the largest micro-batch that fits (GPU runs with the profile only).",
+        ),
+        click.option(
             "--keep-effective-batch",
             is_flag=True,
             envvar="FT_KEEP_EFFECTIVE_BATCH",
@@ -244,6 +251,42 @@ def maybe_init_volume(config: Path) -> None:
     )
 
 
+def maybe_autotune(plan: Plan, inventory: Any, kw: dict[str, Any]) -> Plan:
+    """On GPUs with the profile: find the largest micro-batch that fits with short real probes."""
+    if inventory is None or kw["no_profile"] or kw["no_autotune"]:
+        return plan
+    import shutil
+    from dataclasses import replace
+
+    from .autotune import autotune
+    from .gate import cache_dir, world_size
+    from .statefiles import STEPS, read_jsonl, state_dir
+    from .supervise import Shutdown, Supervisor
+
+    echo = _echo_to(kw["json_mode"])
+    shutdown = Shutdown()
+    shutdown.install()
+
+    def run_probe(probe: Plan) -> int | None:
+        shutil.rmtree(probe.output_dir, ignore_errors=True)  # the appliance's own scratch, not a run
+        try:
+            Supervisor(probe, lambda _line: None, shutdown).run()
+        except Stopped:
+            raise
+        except ApplianceError:
+            return None  # out of memory (or another failure): this size does not fit
+        peaks = [int(r.get("mem_reserved", 0)) for r in read_jsonl(state_dir(probe.output_dir) / STEPS)]
+        return max(peaks, default=0) or None
+
+    gpu = min(inventory.gpus, key=lambda g: g.memory_total_mib)
+    updates, notes = autotune(
+        plan, gpu.name, gpu.memory_total_mib * 2**20, world_size(plan), cache_dir() / "autotune.json", run_probe, echo
+    )
+    for note in notes:
+        echo(f"[ft] {note}")
+    return replace(plan, args={**plan.args, **updates})
+
+
 def run_training(plan: Plan, json_mode: bool) -> None:
     from .supervise import Shutdown, Supervisor, summary_lines
 
@@ -273,7 +316,8 @@ def train(config: Path, overrides: tuple[str, ...], **kw: Any) -> None:
     config = config or default_config()
     maybe_init_volume(config)
     plan, inventory = make_plan(config, overrides, kw, None)
-    run_training(preflight(plan, inventory, kw), kw["json_mode"])
+    plan = preflight(plan, inventory, kw)
+    run_training(maybe_autotune(plan, inventory, kw), kw["json_mode"])
 
 
 @cli.command(epilog=EPILOG)
@@ -303,7 +347,8 @@ def demo(directory: Path, max_steps: int, save_steps: int, **kw: Any) -> None:
     config = build_demo(directory, max_steps=max_steps, save_steps=save_steps)
     echo(f"[ft] config: {config}")
     plan, inventory = make_plan(config, (), kw, default_nproc=2)
-    run_training(preflight(plan, inventory, kw), kw["json_mode"])
+    plan = preflight(plan, inventory, kw)
+    run_training(maybe_autotune(plan, inventory, kw), kw["json_mode"])
 
 
 @cli.command(epilog=EPILOG)

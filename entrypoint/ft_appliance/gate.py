@@ -43,19 +43,25 @@ def recorded_inventory(path: Path) -> InventorySource:
 def _cache_file() -> Path | None:
     """Where LlamaFactory's schema is cached, keyed by the installed versions: reading it from the
     dataclasses imports torch and transformers, seconds on every start."""
-    import os
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         key = f"llamafactory-{version('llamafactory')}-transformers-{version('transformers')}"
     except PackageNotFoundError:
         return None
-    base = (
-        os.environ.get("FT_CACHE_DIR")
-        or (str(Path(os.environ["HF_HOME"]) / "ft-appliance") if os.environ.get("HF_HOME") else None)
-        or str(Path.home() / ".cache" / "ft-appliance")
-    )
-    return Path(base) / f"schema-{key}.json"
+    return cache_dir() / f"schema-{key}.json"
+
+
+def cache_dir() -> Path:
+    """The appliance's caches (schema, autotune): FT_CACHE_DIR, else under HF_HOME (on the volume in
+    the image), else ~/.cache/ft-appliance."""
+    import os
+
+    if os.environ.get("FT_CACHE_DIR"):
+        return Path(os.environ["FT_CACHE_DIR"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "ft-appliance"
+    return Path.home() / ".cache" / "ft-appliance"
 
 
 def schema_and_templates() -> tuple[dict[str, ArgSpec], dict[str, set[str]]]:
