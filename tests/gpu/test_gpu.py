@@ -29,7 +29,7 @@ def test_check_and_short_bf16_lora_run_on_every_gpu(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout
     assert report["nproc"] == INV.count
     if min(g.compute_capability for g in INV.gpus) >= (8, 0):
-        assert report["updates"] == {"bf16": True}
+        assert report["updates"]["bf16"] is True  # precision chosen by policy; the profile adds its keys
     res = run_cli("train", str(cfg), "--json", timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = tmp_path / "data" / "output" / "demo-lora"
