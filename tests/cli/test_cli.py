@@ -94,3 +94,20 @@ def test_gpus_is_an_alias_of_nproc_with_its_env_mirror(make_config) -> None:
     assert '"nproc": 2' in res.stdout
     res = run_cli("check", str(make_config()), "--gpus", "1", "--json")
     assert '"nproc": 1' in res.stdout
+
+
+def test_health_reads_the_supervisors_heartbeat(tmp_path: Path) -> None:
+    import json
+    import time
+
+    beat = tmp_path / "hb.json"
+    env = {"FT_HEARTBEAT_FILE": str(beat)}
+    assert CliRunner().invoke(cli, ["health"], env=env).exit_code == 1  # none yet
+    beat.write_text(json.dumps({"state": "training", "step": 7, "time": time.time()}))
+    res = CliRunner().invoke(cli, ["health"], env=env)
+    assert res.exit_code == 0 and "training step 7" in res.output
+    beat.write_text(json.dumps({"state": "training", "step": 7, "time": time.time() - 600}))
+    res = CliRunner().invoke(cli, ["health"], env=env)
+    assert res.exit_code == 1 and "the supervisor is stuck" in res.stderr
+    beat.write_text(json.dumps({"state": "finished", "step": 30, "time": time.time() - 600}))
+    assert CliRunner().invoke(cli, ["health"], env=env).exit_code == 0
