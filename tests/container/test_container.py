@@ -181,6 +181,8 @@ def test_docker_stop_saves_a_checkpoint_with_zero_lost_steps(volume: str) -> Non
     name = f"{volume}-stop"
     _detached(volume, name, "train", cfg, "--nproc", "2")
     wait_for(lambda: last_step(out) >= 13, 180, what="step 13")
+    health = sh("docker", "exec", name, "ft-appliance", "health")  # what the image's HEALTHCHECK runs
+    assert "training step" in health.stdout
     sh("docker", "stop", "-t", "60", name, timeout=120)
     assert _exit_code(name) == 143
     stopped = json.loads((out / ".ft" / "stopped.json").read_text())
