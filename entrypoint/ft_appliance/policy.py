@@ -106,7 +106,7 @@ def classify(outcome: AttemptOutcome, history: Sequence[AttemptOutcome], crash_l
     if not outcome.progressed:
         stuck = [outcome]
         for earlier in reversed(history):
-            if earlier.progressed or earlier.start_step != outcome.start_step:
+            if earlier.progressed or earlier.start_step != outcome.start_step or earlier.stop_requested:
                 break
             stuck.append(earlier)
         if len(stuck) >= crash_loop_limit:
@@ -114,6 +114,22 @@ def classify(outcome: AttemptOutcome, history: Sequence[AttemptOutcome], crash_l
     return Verdict.RETRY
 
 
-def backoff_seconds(retry_number: int, base: float, cap: float) -> float:
-    """Wait before restart number retry_number (1-based): base, 2*base, 4*base, ... up to cap."""
-    return min(cap, base * (2 ** max(0, retry_number - 1)))
+def outcome_from_dict(d: dict) -> AttemptOutcome:
+    """An outcome as saved in attempts/N/outcome.json (earlier supervisors of the same run)."""
+    f = d.get("failure")
+    failure = (
+        WorkerFailure(f["type"], f["message"], f["phase"], f.get("rank", 0), tuple(f.get("kinds", ())))
+        if isinstance(f, dict)
+        else None
+    )
+    return AttemptOutcome(
+        attempt=int(d["attempt"]),
+        exit_code=int(d["exit_code"]),
+        start_step=int(d["start_step"]),
+        last_step=d.get("last_step"),
+        failure=failure,
+        hung=bool(d.get("hung")),
+        stop_requested=bool(d.get("stop_requested")),
+        stopped_cleanly=bool(d.get("stopped_cleanly")),
+        completed=bool(d.get("completed")),
+    )

@@ -335,11 +335,24 @@ class Supervisor:
             attempts=self.history,
         )
 
+    def earlier_outcomes(self) -> list[AttemptOutcome]:
+        """Attempts of this run by earlier supervisors (container restarts) and by this one, in order:
+        a crash loop is a crash loop whichever process saw its attempts."""
+        found = []
+        for path in (self.sd / "attempts").glob("*/outcome.json"):
+            data = statefiles.read_json(path)
+            try:
+                found.append(policy.outcome_from_dict(data))
+            except (KeyError, TypeError, ValueError):
+                continue
+        return sorted(found, key=lambda o: o.attempt)
+
     def attempt_once(self) -> None:
         if self.history and is_finished(self.out):
             return  # never relaunch a finished run: it would train past the end and overwrite results
         outcome = self.run_attempt()
-        verdict = policy.classify(outcome, self.history, self.plan.retry.crash_loop_limit)
+        earlier = [o for o in self.earlier_outcomes() if o.attempt < outcome.attempt]
+        verdict = policy.classify(outcome, earlier, self.plan.retry.crash_loop_limit)
         self.history.append(outcome)
         statefiles.write_json(
             self.sd / "attempts" / str(outcome.attempt) / "outcome.json", {**asdict(outcome), "verdict": verdict.value}

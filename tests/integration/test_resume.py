@@ -296,3 +296,31 @@ def test_error_retrying_cannot_fix_is_not_retried(make_config, tmp_path: Path) -
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "training failed: " in lines[0] and "not retried" in lines[0]
     assert len(attempts(out)) == 1
+
+
+def test_crash_loop_is_detected_across_container_restarts(make_config) -> None:
+    """Each start makes one attempt (as a container under a restart policy would): the third start that
+    fails at the same step without progress stops as a crash loop instead of spinning."""
+    cfg = make_config("loop-restarts", max_steps=40, save_steps=10)
+    out = output_dir(cfg)
+    done = threading.Event()
+
+    def kill_every_launch() -> None:
+        while not done.is_set():
+            kill_training(out)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_every_launch, daemon=True)
+    killer.start()
+    try:
+        codes = [
+            run_cli(
+                "train", str(cfg), "--nproc", "2", "--max-restarts", "0", "--crash-loop-limit", "3", timeout=300
+            ).returncode
+            for _ in range(3)
+        ]
+    finally:
+        done.set()
+        killer.join()
+    assert codes == [6, 6, 7]
+    assert len(attempts(out)) == 3

@@ -91,3 +91,17 @@ def test_progress_resets_the_crash_loop_count() -> None:
     history = [out(1, -9, start=0, last=None), out(2, -9, start=0, last=12)]  # attempt 2 progressed
     assert classify(out(3, -9, start=10, last=None), history, 2) is Verdict.RETRY
     assert classify(out(4, -9, start=10, last=10), [*history, out(3, -9, start=10)], 2) is Verdict.CRASH_LOOP
+
+
+def test_a_stop_ends_the_stuck_chain() -> None:
+    history = [out(1, -9, start=10), out(2, 143, start=10, stop_requested=True)]
+    assert classify(out(3, -9, start=10), history, 2) is Verdict.RETRY
+
+
+def test_outcomes_saved_by_earlier_supervisors_read_back() -> None:
+    from dataclasses import asdict
+
+    from ft_appliance.policy import outcome_from_dict
+
+    o = out(4, 1, start=20, last=20, failure=WorkerFailure("OSError", "x", "setup", 1, ("OSError", "Exception")))
+    assert outcome_from_dict({**asdict(o), "verdict": "retry"}) == o
