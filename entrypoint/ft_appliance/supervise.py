@@ -7,7 +7,6 @@ done, or retry with exponential backoff (tenacity), bounded by max_restarts and 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -25,7 +24,7 @@ from .errors import CrashLoop, RetriesExhausted, Stopped, TrainingFailed
 from .launch import build_launch
 from .policy import AttemptOutcome, Verdict, WorkerFailure
 from .process import TrainingProcess, free_port
-from .status import Progress, format_duration, format_progress, progress, steps_lost
+from .status import Progress, format_progress, progress, steps_lost
 
 Echo = Callable[[str], None]
 
@@ -466,6 +465,3 @@ def summary_lines(result: RunResult) -> list[str]:
 
 def load_status(output_dir: Path) -> dict[str, Any] | None:
     return statefiles.read_json(statefiles.state_dir(output_dir) / statefiles.STATUS)
-
-
-__all__ = ["Supervisor", "Shutdown", "RunResult", "summary_lines", "load_status", "format_duration", "json"]
