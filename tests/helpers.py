@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +100,26 @@ def training_processes(output_dir: Path) -> list[psutil.Process]:
     from ft_appliance.soak import training_processes as find
 
     return find(output_dir)
+
+
+@contextlib.contextmanager
+def killing_every_launch(output_dir: Path) -> Iterator[None]:
+    """While inside: every training process of the run is SIGKILLed as soon as it appears, so each
+    attempt dies before its first step."""
+    done = threading.Event()
+
+    def kill_loop() -> None:
+        while not done.is_set():
+            kill_training(output_dir)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_loop, daemon=True)
+    killer.start()
+    try:
+        yield
+    finally:
+        done.set()
+        killer.join()
 
 
 def kill_training(output_dir: Path, sig: int = signal.SIGKILL) -> int:

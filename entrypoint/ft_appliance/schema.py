@@ -87,7 +87,7 @@ def _check_value(spec: ArgSpec, value: Any) -> str | None:
     if isinstance(value, bool):
         return None if "bool" in kinds else f"is a boolean ({value}) but LlamaFactory expects {_expected(kinds)}"
     if isinstance(value, int):
-        if kinds & {"int", "float"} or (False):
+        if kinds & {"int", "float"}:
             return None
         if "str" in kinds:
             return None if not spec.choices else _choice_message(spec, str(value))
@@ -111,11 +111,7 @@ def _check_value(spec: ArgSpec, value: Any) -> str | None:
         if "str" in kinds and spec.choices and value not in spec.choices:
             return _choice_message(spec, value)
         return None
-    if isinstance(value, (list, dict)):
-        if "str" in kinds and not (kinds & {"any"}) and spec.name not in ("report_to",):
-            # LlamaFactory accepts comma-separated strings for list-like keys; lists are fine too.
-            return None
-        return None
+    # Lists and mappings: LlamaFactory takes lists where it takes comma-separated strings.
     return None
 
 

@@ -70,6 +70,25 @@ def training_processes(output_dir: Path) -> list[psutil.Process]:
     return found
 
 
+def kill_run(supervisor: subprocess.Popen, output_dir: Path) -> None:
+    """What `docker kill` or a host crash does: SIGKILL the supervisor and every training process,
+    freezing them first so that nothing moves on between the kills."""
+    procs = training_processes(output_dir)
+    for p in procs:
+        try:
+            p.suspend()
+        except psutil.Error:
+            pass
+    supervisor.kill()
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    supervisor.wait()
+    psutil.wait_procs(procs, timeout=10)
+
+
 def _last_step(output_dir: Path) -> tuple[int, int | None]:
     last = statefiles.last_jsonl(statefiles.state_dir(output_dir) / statefiles.STEPS)
     return (int(last["step"]), last.get("attempt")) if last else (0, None)
@@ -116,22 +135,6 @@ class SoakRunner:
             if rc != 0:
                 raise RuntimeError(f"reference run failed with exit code {rc}: see {self.workdir}/soak-reference.log")
         return out
-
-    def _kill_tree(self, sup: subprocess.Popen, out: Path) -> None:
-        procs = training_processes(out)
-        for p in procs:  # freeze first so nothing moves on between the kills
-            try:
-                p.suspend()
-            except psutil.Error:
-                pass
-        sup.kill()
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        sup.wait()
-        psutil.wait_procs(procs, timeout=10)
 
     def _wait_step(self, out: Path, sup: subprocess.Popen, target: int, attempt: int) -> bool:
         while sup.poll() is None:
@@ -214,7 +217,7 @@ class SoakRunner:
                     failures.append(f"event {number}: SIGTERM exit code {event.exit_code}, expected 143")
                 event.at_step, _ = _last_step(out)
             else:
-                self._kill_tree(sup, out)
+                kill_run(sup, out)
                 event.exit_code = -9
             leftovers = training_processes(out)
             if leftovers:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import time
 from pathlib import Path
 
@@ -14,9 +13,10 @@ import psutil
 import pytest
 import yaml
 from ft_appliance import statefiles
+from ft_appliance.soak import kill_run
 
 from tests.helpers import (
-    kill_training,
+    killing_every_launch,
     last_step,
     max_abs_diff,
     read_adapter,
@@ -112,11 +112,7 @@ def test_sigkill_of_the_whole_tree_mid_save_then_a_new_start(make_config, tmp_pa
     wait_for(lambda: (out / ".ft" / "steps.jsonl").exists(), 120, what="first step")
     caught = _stop_in_save(out, 5, 60)
     assert caught is not None, "no save was caught in flight"
-    tree = training_processes(out)
-    sup.kill()
-    for p in tree:
-        p.kill()
-    sup.wait(30)
+    kill_run(sup, out)
     assert_no_training_processes(out)
     assert not (out / f"checkpoint-{caught}" / statefiles.MARKER).exists()
 
@@ -135,13 +131,7 @@ def _crashed_run(make_config, tmp_path: Path, name: str) -> tuple[Path, Path]:
     out = output_dir(cfg)
     sup = start_cli("train", str(cfg), *FAST, log=tmp_path / f"{name}.log")
     wait_for(lambda: (out / "checkpoint-20" / statefiles.MARKER).exists(), 180, what="checkpoint-20")
-    tree = training_processes(out)
-    for p in tree:
-        p.suspend()
-    sup.kill()
-    for p in tree:
-        p.kill()
-    sup.wait(30)
+    kill_run(sup, out)
     assert_no_training_processes(out)
     return cfg, out
 
@@ -219,16 +209,7 @@ def test_sigterm_saves_a_checkpoint_and_resumes_with_zero_lost_steps(make_config
 def test_crash_loop_is_detected_and_stopped(make_config, tmp_path: Path) -> None:
     cfg = make_config("loop", max_steps=40, save_steps=10)
     out = output_dir(cfg)
-    done = threading.Event()
-
-    def kill_every_launch() -> None:  # every attempt dies before its first step
-        while not done.is_set():
-            kill_training(out)
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_every_launch, daemon=True)
-    killer.start()
-    try:
+    with killing_every_launch(out):
         res = run_cli(
             "train",
             str(cfg),
@@ -242,9 +223,6 @@ def test_crash_loop_is_detected_and_stopped(make_config, tmp_path: Path) -> None
             "3",
             timeout=300,
         )
-    finally:
-        done.set()
-        killer.join()
     assert res.returncode == 7, res.stdout[-2000:] + res.stderr[-2000:]
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "crash loop: 3 attempts in a row failed at step 0 without progress" in lines[0]
@@ -303,24 +281,12 @@ def test_crash_loop_is_detected_across_container_restarts(make_config) -> None:
     fails at the same step without progress stops as a crash loop instead of spinning."""
     cfg = make_config("loop-restarts", max_steps=40, save_steps=10)
     out = output_dir(cfg)
-    done = threading.Event()
-
-    def kill_every_launch() -> None:
-        while not done.is_set():
-            kill_training(out)
-            time.sleep(0.05)
-
-    killer = threading.Thread(target=kill_every_launch, daemon=True)
-    killer.start()
-    try:
+    with killing_every_launch(out):
         codes = [
             run_cli(
                 "train", str(cfg), "--nproc", "2", "--max-restarts", "0", "--crash-loop-limit", "3", timeout=300
             ).returncode
             for _ in range(3)
         ]
-    finally:
-        done.set()
-        killer.join()
     assert codes == [6, 6, 7]
     assert len(attempts(out)) == 3
