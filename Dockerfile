@@ -54,6 +54,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     FT_HEARTBEAT_FILE=/tmp/ft-appliance.heartbeat \
     HF_HOME=/data/.cache/huggingface \
     TRITON_CACHE_DIR=/data/.cache/triton \
+    TORCHINDUCTOR_CACHE_DIR=/data/.cache/inductor \
     HF_HUB_OFFLINE=1 \
     HF_DATASETS_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \

@@ -74,6 +74,8 @@ class Plan:
     rendezvous: Rendezvous = field(default_factory=Rendezvous)
     notes: tuple[str, ...] = ()
     """Policy decisions worth a log line ("overwrite_output_dir forced off: ...")."""
+    tweaks: tuple[str, ...] = ()
+    """Changes the worker makes to the loaded model (profile.TWEAKS), each explained in notes."""
 
     def with_args(self, **updates: Any) -> Plan:
         return replace(self, args={**self.args, **updates})

@@ -182,15 +182,17 @@ def check(
             "enable_liger_kernel needs liger-kernel, which is not installed here (the GPU "
             "image has it): remove enable_liger_kernel or run on the GPU image",
         )
+    tweaks: tuple[str, ...] = ()
     if profile and inventory is not None and inventory.count and not report.errors:
-        apply_profile(report, {**args, **report.updates}, inventory, model.config, world)
-    new_plan = replace(plan, args={**plan.args, **report.updates}, notes=(*plan.notes, *report.notes))
+        tweaks = apply_profile(report, {**args, **report.updates}, inventory, model.config, world)
+    new_plan = replace(plan, args={**plan.args, **report.updates}, notes=(*plan.notes, *report.notes), tweaks=tweaks)
     return GateResult(new_plan, report, inventory)
 
 
 def apply_profile(
     report: Report, args: dict[str, Any], inventory: Inventory, config: dict[str, Any] | None, world: int
-) -> None:
+) -> tuple[str, ...]:
+    """Adds the profile's updates and notes to the report; returns the worker's tweaks."""
     from .preflight import estimate_gpu_bytes, estimate_params
     from .profile import GpuFacts, performance_profile
 
@@ -199,12 +201,20 @@ def apply_profile(
         memory_bytes=min(g.memory_total_mib for g in inventory.gpus) * 2**20,
         liger_available=importlib.util.find_spec("liger_kernel") is not None,
         flash_attn_available=importlib.util.find_spec("flash_attn") is not None,
+        flex_available=_torch_has("nn/attention/flex_attention"),
     )
     params = estimate_params(config) if config else None
     weights = estimate_gpu_bytes(params, args, world)[0] if params else None
-    updates, notes = performance_profile(args, gpu, config, weights)
-    report.updates.update(updates)
-    report.notes.extend(notes)
+    chosen = performance_profile(args, gpu, config, weights)
+    report.updates.update(chosen.updates)
+    report.notes.extend(chosen.notes)
+    return tuple(chosen.tweaks)
+
+
+def _torch_has(module: str) -> bool:
+    """Looks for one of torch's modules without importing torch (seconds) in the launcher."""
+    spec = importlib.util.find_spec("torch")
+    return bool(spec and spec.origin and (Path(spec.origin).parent / f"{module}.py").is_file())
 
 
 def raise_on_errors(result: GateResult) -> None:
@@ -240,6 +250,7 @@ def report_dict(result: GateResult) -> dict[str, Any]:
         "world_size": result.report.world_size,
         "effective_batch": result.report.effective_batch,
         "decisions": result.report.notes,
+        "tweaks": list(result.plan.tweaks),
         "updates": result.report.updates,
         "problems": [p.to_dict() for p in result.report.problems],
     }

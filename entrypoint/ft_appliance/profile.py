@@ -7,7 +7,7 @@ Each choice comes with its reason, logged at start. Measured effects are in docs
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 GiB = 2**30
@@ -25,6 +25,22 @@ class GpuFacts:
     memory_bytes: int
     liger_available: bool
     flash_attn_available: bool
+    flex_available: bool = False
+    """torch ships FlexAttention (torch.nn.attention.flex_attention, torch >= 2.5)."""
+
+
+@dataclass
+class Profile:
+    updates: dict[str, Any] = field(default_factory=dict)
+    """LlamaFactory keys the profile sets; never one the user's YAML set."""
+    notes: list[str] = field(default_factory=list)
+    tweaks: list[str] = field(default_factory=list)
+    """Changes the worker makes to the loaded model (names in TWEAKS); LlamaFactory has no key for them."""
+
+
+BLOCKDIAG_ATTENTION = "blockdiag-attention"
+LORA_INPUTS = "lora-inputs-in-compute-dtype"
+TWEAKS = (BLOCKDIAG_ATTENTION, LORA_INPUTS)
 
 
 def activation_bytes(config: Mapping[str, Any], tokens: int) -> float:
@@ -44,10 +60,10 @@ def fits_without_checkpointing(
 
 def performance_profile(
     args: Mapping[str, Any], gpu: GpuFacts, config: Mapping[str, Any] | None, weights_bytes: float | None
-) -> tuple[dict[str, Any], list[str]]:
-    """(updates, notes). Never touches a key the user set."""
-    updates: dict[str, Any] = {}
-    notes: list[str] = []
+) -> Profile:
+    """Never touches a key the user set."""
+    profile = Profile()
+    updates, notes = profile.updates, profile.notes
 
     def choose(key: str, value: Any, why: str) -> None:
         if key in args:
@@ -65,9 +81,18 @@ def performance_profile(
     if args.get("stage", "sft") in ("sft", "pt") and "packing" not in args and "neat_packing" not in args:
         choose("packing", True, "no compute spent on padding")
         choose("neat_packing", True, "examples in a pack cannot attend to each other, as without packing")
+    neat = bool(updates.get("neat_packing", args.get("neat_packing")))
     if gpu.flash_attn_available and gpu.compute_capability >= (8, 0):
         choose("flash_attn", "fa2", "FlashAttention-2 is installed and the card supports it")
-    elif "flash_attn" not in args:
+    elif "flash_attn" in args:
+        notes.append(f"profile: flash_attn left as the config says ({args['flash_attn']!r})")
+    elif neat and gpu.flex_available and gpu.compute_capability >= (8, 0):
+        profile.tweaks.append(BLOCKDIAG_ATTENTION)
+        notes.append(
+            "profile: attention: FlexAttention with a block-sparse mask for neat packing (flash-attn is "
+            "not installed; SDPA would read a dense 4D block-diagonal mask, forward and backward)"
+        )
+    else:
         notes.append("profile: flash_attn: auto (SDPA; flash-attn is not installed)")
     if config and weights_bytes is not None and "disable_gradient_checkpointing" not in args:
         fits, need = fits_without_checkpointing(weights_bytes, config, args, gpu.memory_bytes)
@@ -83,4 +108,13 @@ def performance_profile(
                 f"profile: gradient checkpointing kept: about {need / GiB:.0f} GiB needed without it, "
                 f"over {MEMORY_TARGET:.0%} of {gpu.memory_bytes / GiB:.0f} GiB"
             )
-    return updates, notes
+    # Autocast only: DeepSpeed and FSDP manage the adapter's dtype themselves.
+    autocast = bool(args.get("bf16") or args.get("fp16")) and not args.get("pure_bf16")
+    autocast = autocast and not args.get("deepspeed") and not args.get("fsdp")
+    if args.get("finetuning_type", "lora") == "lora" and autocast:
+        profile.tweaks.append(LORA_INPUTS)
+        notes.append(
+            "profile: LoRA layer inputs stay in the compute dtype (peft casts them to the adapter's fp32 "
+            "and autocast casts them straight back: no value changes, two copies per layer saved)"
+        )
+    return profile

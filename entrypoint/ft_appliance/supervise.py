@@ -203,7 +203,9 @@ class Supervisor:
         start_step = chosen.step if chosen is not None else 0
         (self.sd / statefiles.STOPPED).unlink(missing_ok=True)
         run_file = attempt_dir / "run.json"
-        statefiles.write_json(run_file, {"args": args, "state_dir": str(self.sd), "attempt": number})
+        statefiles.write_json(
+            run_file, {"args": args, "state_dir": str(self.sd), "attempt": number, "tweaks": list(self.plan.tweaks)}
+        )
         spec = build_launch(self.plan, number, run_file, attempt_dir, free_port(), self.env)
         statefiles.write_json(attempt_dir / "launch.json", {"argv": spec.argv, "cwd": str(spec.cwd)})
         self.say("launch: " + " ".join(spec.argv))

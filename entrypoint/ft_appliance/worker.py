@@ -57,7 +57,7 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def build_callback(state_dir: Path, attempt: int, stop: StopFlag) -> Any:
+def build_callback(state_dir: Path, attempt: int, stop: StopFlag, tweaks: tuple[str, ...] = ()) -> Any:
     """The appliance's TrainerCallback (defined here so transformers is imported only in workers)."""
     import torch
     import torch.distributed as dist
@@ -73,24 +73,27 @@ def build_callback(state_dir: Path, attempt: int, stop: StopFlag) -> Any:
             self.save_started = time.monotonic()
             self.step_started = time.monotonic()
             self._reduce_device: Any = None
+            self.trace = _StepTrace.from_env(rank)
 
         # --- tokens: count real (non-padding) tokens ourselves; the Trainer's counter includes
-        # padding under packing and overflows under neat_packing.
+        # padding under packing and overflows under neat_packing. The count stays on the device
+        # until the step ends: reading it per micro-batch would stall the GPU queue each time.
         def _count_tokens(self, _module: Any, args: tuple, kwargs: dict) -> None:
             mask = kwargs.get("attention_mask")
             ids = kwargs.get("input_ids", args[0] if args else None)
             if mask is not None and hasattr(mask, "dim") and mask.dim() == 2:
-                self.tokens += float((mask > 0).sum())
+                self.tokens = self.tokens + (mask > 0).sum()
             elif mask is not None and hasattr(mask, "dim") and mask.dim() == 4:
                 # neat_packing's block-diagonal mask: a real token attends to itself, padding to nothing.
                 diag = torch.diagonal(mask[:, 0], dim1=-2, dim2=-1)
-                self.tokens += float((diag if diag.dtype == torch.bool else diag == 0).sum())
+                self.tokens = self.tokens + (diag if diag.dtype == torch.bool else diag == 0).sum()
             elif ids is not None and hasattr(ids, "numel"):
-                self.tokens += float(ids.numel())
+                self.tokens = self.tokens + float(ids.numel())
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
             if model is not None:
                 model.register_forward_pre_hook(self._count_tokens, with_kwargs=True)
+                self._apply_tweaks(model)
             if stop.signum:
                 raise StopRequested(f"stop requested before step {state.global_step + 1}")
             self.step_started = time.monotonic()
@@ -106,6 +109,27 @@ def build_callback(state_dir: Path, attempt: int, stop: StopFlag) -> Any:
                     },
                 )
 
+        def _apply_tweaks(self, model: Any) -> None:
+            # After loading: LlamaFactory has no keys for these (see profile.TWEAKS).
+            from . import attention, lora
+            from .profile import BLOCKDIAG_ATTENTION, LORA_INPUTS
+
+            done: dict[str, Any] = {}
+            if BLOCKDIAG_ATTENTION in tweaks:
+                if attention.flex_available():
+                    attention.register()
+                    done[BLOCKDIAG_ATTENTION] = f"{attention.use_blockdiag(model)} -> {attention.NAME}"
+                else:
+                    done[BLOCKDIAG_ATTENTION] = "skipped: FlexAttention unavailable, SDPA kept"
+            if LORA_INPUTS in tweaks:
+                done[LORA_INPUTS] = f"{lora.keep_lora_inputs_in_compute_dtype(model)} LoRA layers"
+            if rank == 0 and done:
+                for name, what in done.items():
+                    print(f"[ft-appliance worker] {name}: {what}", flush=True)
+                statefiles.append_jsonl(
+                    state_dir / statefiles.EVENTS, {"event": "tweaks", "attempt": attempt, **done, "time": time.time()}
+                )
+
         def _all_reduce(self, values: list[float]) -> list[float]:
             if not (dist.is_available() and dist.is_initialized()):
                 return values
@@ -118,9 +142,15 @@ def build_callback(state_dir: Path, attempt: int, stop: StopFlag) -> Any:
             dist.all_reduce(t)
             return t.tolist()
 
+        def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.trace:
+                self.trace.maybe_start(state.global_step)
+
         def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if self.trace:
+                self.trace.maybe_stop(state.global_step)
             # One small all-reduce per step: every rank agrees on a stop at the same step boundary.
-            stop_votes, tokens = self._all_reduce([1.0 if stop.signum else 0.0, self.tokens])
+            stop_votes, tokens = self._all_reduce([1.0 if stop.signum else 0.0, float(self.tokens)])
             self.tokens = 0.0
             now = time.monotonic()
             if rank == 0:
@@ -184,6 +214,58 @@ def build_callback(state_dir: Path, attempt: int, stop: StopFlag) -> Any:
     return ApplianceCallback()
 
 
+class _StepTrace:
+    """FT_TRACE_STEPS=DIR[:FIRST[:COUNT]]: torch.profiler over COUNT optimizer steps from FIRST (default
+    8 and 2) on rank 0, for benchmarks/: where a step's time goes, including time the GPU waits."""
+
+    def __init__(self, out: Path, first: int, count: int) -> None:
+        self.out, self.first, self.count = out, first, count
+        self.prof: Any = None
+        self.started = 0.0
+
+    @classmethod
+    def from_env(cls, rank: int) -> _StepTrace | None:
+        spec = os.environ.get("FT_TRACE_STEPS")
+        if not spec or rank != 0:
+            return None
+        parts = spec.split(":")
+        return cls(Path(parts[0]), int(parts[1]) if len(parts) > 1 else 8, int(parts[2]) if len(parts) > 2 else 2)
+
+    def maybe_start(self, step: int) -> None:
+        if step == self.first and self.prof is None:
+            import torch
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                activities.append(ProfilerActivity.CUDA)
+            self.prof = profile(activities=activities)
+            self.prof.__enter__()
+            self.started = time.monotonic()
+
+    def maybe_stop(self, step: int) -> None:
+        if self.prof is None or step != self.first + self.count:
+            return
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.monotonic() - self.started
+        self.prof.__exit__(None, None, None)
+        events = self.prof.key_averages()
+        # Kernels only: the ops that launched them report the same device time again.
+        cuda_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "trace.txt").write_text(
+            f"{self.count} steps: wall {wall * 1000:.0f} ms, GPU busy {cuda_us / 1000:.0f} ms\n\n"
+            + events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+            + "\n"
+            + events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
+        )
+        self.prof = None
+
+
 def _write_failure(state_dir: Path, attempt: int, exc: BaseException, phase: str) -> None:
     record = {
         "attempt": attempt,
@@ -211,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     allow_cpu_device_tags()
-    callback = build_callback(state_dir, attempt, stop)
+    callback = build_callback(state_dir, attempt, stop, tuple(run.get("tweaks") or ()))
     from llamafactory.train.tuner import run_exp
 
     if _rank() == 0:  # where startup time goes (docs/benchmarks.md)

@@ -174,3 +174,18 @@ def test_demo_config_passes_preflight_on_cpu(demo_root: Path, tmp_path: Path) ->
     report = json.loads(res.stdout)
     assert report["ok"] and report["effective_batch"] == 8 and report["inventory"] is None
     assert [p for p in report["problems"] if p["severity"] == "error"] == []
+
+
+def test_demo_config_on_a_recorded_h100_gets_the_profile_and_its_worker_tweaks(demo_root: Path, tmp_path: Path) -> None:
+    case = Case(tmp_path, demo_root)
+    case.on("h100")
+    res = CliRunner().invoke(cli, ["check", str(case.write()), *case.extra, "--json"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.stdout)
+    assert report["updates"]["bf16"] is True and report["updates"]["neat_packing"] is True
+    assert report["tweaks"] == ["blockdiag-attention", "lora-inputs-in-compute-dtype"]
+    assert any("FlexAttention with a block-sparse mask" in d for d in report["decisions"])
+
+    res = CliRunner().invoke(cli, ["check", str(case.write()), *case.extra, "--json", "--no-profile"])
+    report = json.loads(res.stdout)
+    assert report["tweaks"] == [] and "neat_packing" not in report["updates"]
