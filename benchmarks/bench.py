@@ -60,6 +60,11 @@ CASES: dict[str, tuple[str, dict, list[str]]] = {
         {"enable_liger_kernel": True, "packing": True, "disable_gradient_checkpointing": True},
         ["--no-profile"],
     ),
+    "liger+neat+nogc": (
+        "ft",
+        {"enable_liger_kernel": True, "packing": True, "neat_packing": True, "disable_gradient_checkpointing": True},
+        ["--no-profile"],
+    ),
     "profile": ("ft", {}, []),
 }
 
@@ -199,6 +204,9 @@ def run_case(work: Path, name: str, steps: int, kill_at: int | None = None, extr
     ]
     if kill_at is None and gaps:
         result["s_per_step_lf_log"] = round(sum(gaps) / len(gaps), 3)
+    lf_log = read_jsonl(lf_log_path)
+    if lf_log:  # the first steps' loss, to compare the profile's with the defaults'
+        result["first_losses"] = [round(r["loss"], 4) for r in lf_log[:5] if "loss" in r]
     steps_rec = read_jsonl(out / ".ft" / "steps.jsonl")
     if steps_rec:
         last_attempt = steps_rec[-1]["attempt"]
@@ -288,6 +296,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRITON_CACHE_DIR", str(a.workdir / "triton"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(a.workdir / "inductor"))
     if a.tiny:  # CPU: the tiny model, short examples, fp32, every core's process
         extra = {"bf16": False, "cutoff_len": 256, "preprocessing_num_workers": 2, "dataloader_num_workers": 0, **extra}
     build(a.workdir, tiny=a.tiny)

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 def test_train_two_processes_end_to_end(make_config) -> None:
     cfg = make_config("e2e", max_steps=20, save_steps=10, logging_steps=2)
     out = Path(yaml.safe_load(cfg.read_text())["output_dir"])
-    res = run_cli("train", str(cfg), "--nproc", "2", "--json", timeout=300)
+    trace = cfg.parent / "trace"
+    env = {"FT_TRACE_STEPS": f"{trace}:4:2"}  # the benchmarks' profiler over steps 5-6, rank 0
+    res = run_cli("train", str(cfg), "--nproc", "2", "--json", timeout=300, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
 
     # What LlamaFactory produced.
@@ -46,6 +48,8 @@ def test_train_two_processes_end_to_end(make_config) -> None:
     assert status(out)["state"] == "finished"
     assert "finished: 20/20 steps" in res.stderr
     assert "loss " in res.stderr and "tok/s" in res.stderr
+    table = (trace / "trace.txt").read_text()
+    assert table.startswith("2 steps: wall ") and "aten::mm" in table
 
 
 def test_demo_command_builds_layout_and_trains(tmp_path: Path) -> None:
