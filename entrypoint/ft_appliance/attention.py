@@ -72,6 +72,8 @@ def flex_kernel() -> Any:
 
 class _State:
     kernel: Any = None
+    fallback: Any = None
+    """transformers' SDPA attention function, bound once at registration (not imported per call)."""
     cuda_only = True
     position_ids: Any = None
     examples: Any = None
@@ -96,8 +98,6 @@ def blockdiag_attention_forward(
 ) -> tuple[Any, None]:
     """transformers' attention-function signature: query (B, H, L, D), key/value (B, Hkv, L, D);
     returns ((B, L, H, D), None)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     position_ids = kwargs.get("position_ids")
     unsupported = (
         _state.broken
@@ -110,7 +110,7 @@ def blockdiag_attention_forward(
         or query.shape[2] != key.shape[2]  # decoding with a cache: not a training step
     )
     if unsupported:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        return _state.fallback(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     # Every layer of one forward gets the same position_ids tensor: derive the examples once.
     if _state.position_ids is not position_ids:
         _state.position_ids, _state.examples = position_ids, example_ids(position_ids)
@@ -126,7 +126,7 @@ def blockdiag_attention_forward(
         except Exception as exc:  # noqa: BLE001 - any compiler failure: keep training on SDPA
             print(f"[ft-appliance worker] block-diagonal attention failed, SDPA kept: {exc!r:.300}", flush=True)
             _state.broken = True
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+            return _state.fallback(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
         _state.proven = True
     return out.transpose(1, 2).contiguous(), None
 
@@ -138,8 +138,10 @@ def register(kernel: Any = None) -> None:
     `reference_kernel` to run the same path on CPU.
     """
     from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
+    _state.fallback = sdpa_attention_forward
     _state.kernel, _state.cuda_only = (kernel, False) if kernel is not None else (flex_kernel(), True)
     _state.proven = _state.broken = False
     AttentionInterface.register(NAME, blockdiag_attention_forward)

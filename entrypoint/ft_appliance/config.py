@@ -75,7 +75,8 @@ class Plan:
     notes: tuple[str, ...] = ()
     """Policy decisions worth a log line ("overwrite_output_dir forced off: ...")."""
     tweaks: tuple[str, ...] = ()
-    """Changes the worker makes to the loaded model (profile.TWEAKS), each explained in notes."""
+    """Changes the worker makes to the loaded model (profile.BLOCKDIAG_ATTENTION, profile.LORA_INPUTS),
+    each explained in notes."""
 
     def with_args(self, **updates: Any) -> Plan:
         return replace(self, args={**self.args, **updates})

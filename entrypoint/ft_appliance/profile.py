@@ -35,12 +35,12 @@ class Profile:
     """LlamaFactory keys the profile sets; never one the user's YAML set."""
     notes: list[str] = field(default_factory=list)
     tweaks: list[str] = field(default_factory=list)
-    """Changes the worker makes to the loaded model (names in TWEAKS); LlamaFactory has no key for them."""
+    """Changes the worker makes to the loaded model, BLOCKDIAG_ATTENTION and LORA_INPUTS below;
+    LlamaFactory has no key for them."""
 
 
 BLOCKDIAG_ATTENTION = "blockdiag-attention"
 LORA_INPUTS = "lora-inputs-in-compute-dtype"
-TWEAKS = (BLOCKDIAG_ATTENTION, LORA_INPUTS)
 
 
 def activation_bytes(config: Mapping[str, Any], tokens: int) -> float:

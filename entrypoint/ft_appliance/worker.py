@@ -110,7 +110,7 @@ def build_callback(state_dir: Path, attempt: int, stop: StopFlag, tweaks: tuple[
                 )
 
         def _apply_tweaks(self, model: Any) -> None:
-            # After loading: LlamaFactory has no keys for these (see profile.TWEAKS).
+            # After loading: LlamaFactory has no keys for these (profile.BLOCKDIAG_ATTENTION, profile.LORA_INPUTS).
             from . import attention, lora
             from .profile import BLOCKDIAG_ATTENTION, LORA_INPUTS
 

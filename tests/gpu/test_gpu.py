@@ -78,9 +78,9 @@ def test_blockdiag_kernel_matches_the_reference_forward_and_backward() -> None:
         [list(range(300)) + list(range(500)) + list(range(224)), list(range(700)) + list(range(320)) + [0] * 4],
         device="cuda",
     )
-    shape = (*position_ids.shape[:1], 0, position_ids.shape[1], 128)
+    rows, length = position_ids.shape
     q, k, v = (
-        torch.randn(shape[0], heads, shape[2], 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        torch.randn(rows, heads, length, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         for heads in (32, 8, 8)
     )
     module = torch.nn.Module()

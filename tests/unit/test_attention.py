@@ -33,20 +33,21 @@ def packed_batch() -> dict[str, torch.Tensor]:
     }
 
 
+TINY = dict(
+    vocab_size=200,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # grouped-query attention, as in Llama-3.1-8B
+    max_position_embeddings=64,
+)
+
+
 @pytest.fixture(scope="module")
 def model() -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=200,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention, as in Llama-3.1-8B
-        max_position_embeddings=64,
-        attn_implementation="sdpa",
-    )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(LlamaConfig(**TINY, attn_implementation="sdpa")).eval()
 
 
 def test_examples_start_wherever_position_ids_restart() -> None:
@@ -104,12 +105,8 @@ def test_lora_inputs_in_compute_dtype_change_nothing_under_autocast() -> None:
     from ft_appliance.lora import keep_lora_inputs_in_compute_dtype
     from peft import LoraConfig, get_peft_model
 
-    config = LlamaConfig(
-        vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
-    )  # fmt: skip
     torch.manual_seed(0)
-    base = LlamaForCausalLM(config).to(torch.bfloat16)
+    base = LlamaForCausalLM(LlamaConfig(**TINY)).to(torch.bfloat16)
     targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(base, LoraConfig(r=8, target_modules=targets, init_lora_weights=False))
     for p in model.parameters():
