@@ -70,21 +70,22 @@ def training_processes(output_dir: Path) -> list[psutil.Process]:
     return found
 
 
+def for_each_alive(procs: list[psutil.Process], action: Callable[[psutil.Process], Any]) -> None:
+    """action(p) for each process (psutil.Process.suspend, .resume, .kill); one already gone is skipped."""
+    for p in procs:
+        try:
+            action(p)
+        except psutil.Error:
+            pass
+
+
 def kill_run(supervisor: subprocess.Popen, output_dir: Path) -> None:
     """What `docker kill` or a host crash does: SIGKILL the supervisor and every training process,
     freezing them first so that nothing moves on between the kills."""
     procs = training_processes(output_dir)
-    for p in procs:
-        try:
-            p.suspend()
-        except psutil.Error:
-            pass
+    for_each_alive(procs, psutil.Process.suspend)
     supervisor.kill()
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
+    for_each_alive(procs, psutil.Process.kill)
     supervisor.wait()
     psutil.wait_procs(procs, timeout=10)
 

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import yaml
 from ft_appliance import statefiles
-from ft_appliance.soak import kill_run
+from ft_appliance.soak import for_each_alive, kill_run
 
 from tests.helpers import (
     killing_every_launch,
@@ -89,18 +89,10 @@ def _stop_in_save(out: Path, save_steps: int, max_steps: int) -> int | None:
             if time.monotonic() > deadline:
                 return None
         procs = training_processes(out)
-        for p in procs:
-            try:
-                p.suspend()
-            except psutil.Error:
-                pass
+        for_each_alive(procs, psutil.Process.suspend)
         if not (ckpt / statefiles.MARKER).exists():
             return step
-        for p in procs:
-            try:
-                p.resume()
-            except psutil.Error:
-                pass
+        for_each_alive(procs, psutil.Process.resume)
     return None
 
 
