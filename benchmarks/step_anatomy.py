@@ -7,7 +7,8 @@ of running attention on packs:
     blockdiag    neat packing through the appliance's FlexAttention block-sparse path
     sdpa-causal  plain packing (examples attend to each other), for reference
 
-with `+nocast` the LoRA layers' inputs stay bf16 (the profile's other worker-side change).
+with `+nocast` the LoRA layers' inputs stay bf16 and with `+gemm` the LoRA output is added inside its
+second matmul (the profile's LoRA changes, ft_appliance/lora.py).
 
     python benchmarks/step_anatomy.py [--iters 6] [--top 12] [VARIANT ...]
 
@@ -22,7 +23,7 @@ import random
 import time
 
 import torch
-from ft_appliance import attention
+from ft_appliance import attention, lora
 
 from benchmarks.bench import LLAMA_8B
 
@@ -52,7 +53,9 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--kernels", nargs="*", default=[], help="variants whose CUDA kernel table to print")
     ap.add_argument(
-        "variants", nargs="*", default=["sdpa-4d", "sdpa-4d+nocast", "sdpa-causal+nocast", "blockdiag+nocast"]
+        "variants",
+        nargs="*",
+        default=["sdpa-4d", "sdpa-4d+nocast", "sdpa-causal+nocast", "blockdiag+nocast", "blockdiag+nocast+gemm"],
     )
     a = ap.parse_args()
 
@@ -90,11 +93,14 @@ def main() -> None:
 
     base = model.get_base_model()
     for variant in a.variants:
-        kind, _, cast = variant.partition("+")
+        kind, *changes = variant.split("+")
         base.set_attn_implementation(attention.NAME if kind == "blockdiag" else "sdpa")
         for module in model.modules():
             if hasattr(module, "cast_input_dtype_enabled"):
-                module.cast_input_dtype_enabled = cast != "nocast"
+                module.cast_input_dtype_enabled = "nocast" not in changes
+            vars(module).pop("forward", None)  # peft's own forward again
+        if "gemm" in changes:
+            lora.add_lora_in_gemm(model)
         t0 = time.perf_counter()
         for _ in range(2):
             step(kind)

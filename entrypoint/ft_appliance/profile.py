@@ -35,12 +35,13 @@ class Profile:
     """LlamaFactory keys the profile sets; never one the user's YAML set."""
     notes: list[str] = field(default_factory=list)
     tweaks: list[str] = field(default_factory=list)
-    """Changes the worker makes to the loaded model, BLOCKDIAG_ATTENTION and LORA_INPUTS below;
-    LlamaFactory has no key for them."""
+    """Changes the worker makes to the loaded model, BLOCKDIAG_ATTENTION, LORA_INPUTS and
+    LORA_ADD_IN_GEMM below; LlamaFactory has no key for them."""
 
 
 BLOCKDIAG_ATTENTION = "blockdiag-attention"
 LORA_INPUTS = "lora-inputs-in-compute-dtype"
+LORA_ADD_IN_GEMM = "lora-add-in-gemm"
 
 
 def activation_bytes(config: Mapping[str, Any], tokens: int) -> float:
@@ -117,4 +118,15 @@ def performance_profile(
             "profile: LoRA layer inputs stay in the compute dtype (peft casts them to the adapter's fp32 "
             "and autocast casts them straight back: no value changes, two copies per layer saved)"
         )
+        profile.tweaks.append(LORA_ADD_IN_GEMM)
+        notes.append(
+            "profile: LoRA output added inside its second matmul (peft scales and adds it in two more "
+            "passes over each layer's output, and a third in backward)"
+        )
+    choose(
+        "logging_nan_inf_filter",
+        False,
+        "its NaN check reads every micro-batch's loss on the CPU, stalling the GPU queue each time; it "
+        "only changes what the log shows",
+    )
     return profile

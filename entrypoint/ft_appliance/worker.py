@@ -67,28 +67,27 @@ def build_callback(state_dir: Path, attempt: int, stop: StopFlag, tweaks: tuple[
 
     class ApplianceCallback(TrainerCallback):
         def __init__(self) -> None:
-            self.tokens = 0.0
+            self.tokens = _TokenCount()
             self.stopping = False
             self.first_step = True
             self.save_started = time.monotonic()
             self.step_started = time.monotonic()
-            self._reduce_device: Any = None
+            self._vote_group: Any = None
             self.trace = _StepTrace.from_env(rank)
 
         # --- tokens: count real (non-padding) tokens ourselves; the Trainer's counter includes
-        # padding under packing and overflows under neat_packing. The count stays on the device
-        # until the step ends: reading it per micro-batch would stall the GPU queue each time.
+        # padding under packing and overflows under neat_packing.
         def _count_tokens(self, _module: Any, args: tuple, kwargs: dict) -> None:
             mask = kwargs.get("attention_mask")
             ids = kwargs.get("input_ids", args[0] if args else None)
             if mask is not None and hasattr(mask, "dim") and mask.dim() == 2:
-                self.tokens = self.tokens + (mask > 0).sum()
+                self.tokens.add((mask > 0).sum())
             elif mask is not None and hasattr(mask, "dim") and mask.dim() == 4:
                 # neat_packing's block-diagonal mask: a real token attends to itself, padding to nothing.
                 diag = torch.diagonal(mask[:, 0], dim1=-2, dim2=-1)
-                self.tokens = self.tokens + (diag if diag.dtype == torch.bool else diag == 0).sum()
+                self.tokens.add((diag if diag.dtype == torch.bool else diag == 0).sum())
             elif ids is not None and hasattr(ids, "numel"):
-                self.tokens = self.tokens + float(ids.numel())
+                self.tokens.add(ids.numel())
 
         def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
             if model is not None:
@@ -110,9 +109,9 @@ def build_callback(state_dir: Path, attempt: int, stop: StopFlag, tweaks: tuple[
                 )
 
         def _apply_tweaks(self, model: Any) -> None:
-            # After loading: LlamaFactory has no keys for these (profile.BLOCKDIAG_ATTENTION, profile.LORA_INPUTS).
+            # After loading: LlamaFactory has no keys for these (profile.Profile.tweaks).
             from . import attention, lora
-            from .profile import BLOCKDIAG_ATTENTION, LORA_INPUTS
+            from .profile import BLOCKDIAG_ATTENTION, LORA_ADD_IN_GEMM, LORA_INPUTS
 
             done: dict[str, Any] = {}
             if BLOCKDIAG_ATTENTION in tweaks:
@@ -123,6 +122,8 @@ def build_callback(state_dir: Path, attempt: int, stop: StopFlag, tweaks: tuple[
                     done[BLOCKDIAG_ATTENTION] = "skipped: FlexAttention unavailable, SDPA kept"
             if LORA_INPUTS in tweaks:
                 done[LORA_INPUTS] = f"{lora.keep_lora_inputs_in_compute_dtype(model)} LoRA layers"
+            if LORA_ADD_IN_GEMM in tweaks:
+                done[LORA_ADD_IN_GEMM] = f"{lora.add_lora_in_gemm(model)} LoRA layers"
             if rank == 0 and done:
                 for name, what in done.items():
                     print(f"[ft-appliance worker] {name}: {what}", flush=True)
@@ -131,15 +132,14 @@ def build_callback(state_dir: Path, attempt: int, stop: StopFlag, tweaks: tuple[
                 )
 
         def _all_reduce(self, values: list[float]) -> list[float]:
-            if not (dist.is_available() and dist.is_initialized()):
+            if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
                 return values
-            if self._reduce_device is None:
-                backend = dist.get_backend()
-                self._reduce_device = (
-                    torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-                )
-            t = torch.tensor(values, dtype=torch.float64, device=self._reduce_device)
-            dist.all_reduce(t)
+            if self._vote_group is None:
+                # On the CPU: a vote through NCCL would queue behind the step's kernels and wait for all
+                # of them. Every rank reaches the first step end, so the collective creation is safe.
+                self._vote_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+            t = torch.tensor(values, dtype=torch.float64)
+            dist.all_reduce(t, group=self._vote_group)
             return t.tolist()
 
         def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
@@ -150,8 +150,7 @@ def build_callback(state_dir: Path, attempt: int, stop: StopFlag, tweaks: tuple[
             if self.trace:
                 self.trace.maybe_stop(state.global_step)
             # One small all-reduce per step: every rank agrees on a stop at the same step boundary.
-            stop_votes, tokens = self._all_reduce([1.0 if stop.signum else 0.0, float(self.tokens)])
-            self.tokens = 0.0
+            stop_votes, tokens = self._all_reduce([1.0 if stop.signum else 0.0, float(self.tokens.take())])
             now = time.monotonic()
             if rank == 0:
                 mem = {"mem_reserved": torch.cuda.max_memory_reserved()} if torch.cuda.is_available() else {}
@@ -212,6 +211,43 @@ def build_callback(state_dir: Path, attempt: int, stop: StopFlag, tweaks: tuple[
             return control
 
     return ApplianceCallback()
+
+
+class _TokenCount:
+    """Real tokens of the current optimizer step, counted on the device where the masks are.
+
+    Reading a device count stalls the CPU until the GPU queue is empty, so each micro-batch's running
+    total is copied to pinned host memory asynchronously, and the step end waits only for the last
+    copy (queued at the last micro-batch's start, long done or close to it), not for the whole step.
+    """
+
+    def __init__(self) -> None:
+        self.on_host = 0
+        self.on_device: Any = None
+        self.pinned: Any = None
+        self.copied: Any = None
+
+    def add(self, count: Any) -> None:
+        import torch
+
+        if not (isinstance(count, torch.Tensor) and count.is_cuda):
+            self.on_host += int(count)
+            return
+        self.on_device = count if self.on_device is None else self.on_device + count
+        if self.pinned is None:
+            self.pinned = torch.zeros((), dtype=torch.int64, pin_memory=True)
+            self.copied = torch.cuda.Event()
+        self.pinned.copy_(self.on_device, non_blocking=True)
+        self.copied.record()
+
+    def take(self) -> int:
+        """The step's count, then zero for the next step."""
+        value, self.on_host = self.on_host, 0
+        if self.on_device is not None:
+            self.copied.synchronize()
+            value += int(self.pinned)
+            self.on_device = None
+        return value
 
 
 class _StepTrace:

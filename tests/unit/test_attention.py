@@ -99,36 +99,6 @@ def test_cpu_tensors_fall_back_to_sdpa(model: LlamaForCausalLM) -> None:
     torch.testing.assert_close(got, expected)
 
 
-def test_lora_inputs_in_compute_dtype_change_nothing_under_autocast() -> None:
-    """The LoRA tweak, on a real peft model with fp32 adapters under bf16 autocast: same loss, same
-    gradients, bit for bit."""
-    from ft_appliance.lora import keep_lora_inputs_in_compute_dtype
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(LlamaConfig(**TINY)).to(torch.bfloat16)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    model = get_peft_model(base, LoraConfig(r=8, target_modules=targets, init_lora_weights=False))
-    for p in model.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()  # as LlamaFactory keeps trainable weights
-    ids = packed_batch()["input_ids"]
-
-    def loss_and_grads() -> tuple[torch.Tensor, list[torch.Tensor]]:
-        model.zero_grad()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
-
-    loss, grads = loss_and_grads()
-    assert keep_lora_inputs_in_compute_dtype(model) == 2 * len(targets)
-    assert keep_lora_inputs_in_compute_dtype(model) == 0  # already done
-    loss2, grads2 = loss_and_grads()
-    assert torch.equal(loss, loss2)
-    assert all(torch.equal(a, b) for a, b in zip(grads, grads2, strict=True))
-
-
 def test_a_kernel_that_cannot_run_turns_the_path_off_and_sdpa_takes_over(model: LlamaForCausalLM) -> None:
     batch = packed_batch()
     mask4d = prepare_4d_attention_mask(batch["segment_mask"], torch.float32)
