@@ -170,6 +170,7 @@ def run_case(work: Path, name: str, steps: int, kill_at: int | None = None, extr
     else:
         argv = [sys.executable, "-m", "ft_appliance", "train", str(cfg), "--backoff", "0", *flags]
     t0 = time.time()
+    extra_result: dict = {}
     arrivals: dict[int, float] = {}  # LlamaFactory's trainer_log.jsonl line count -> when it was reached
     lf_log_path = out / "trainer_log.jsonl"
     with open(log, "w") as fh:
@@ -187,6 +188,11 @@ def run_case(work: Path, name: str, steps: int, kill_at: int | None = None, extr
             if kill_at is not None and killed is None:
                 s = read_jsonl(out / ".ft" / "steps.jsonl")
                 if s and s[-1]["step"] >= kill_at:
+                    if shutil.which("nvidia-smi"):  # the spare's waiting workers must hold no GPU memory
+                        apps = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"]
+                        gpu_apps = subprocess.run(apps, capture_output=True, text=True).stdout.strip().splitlines()
+                        spares = subprocess.run(["pgrep", "-f", "worker --spare"], capture_output=True, text=True)
+                        extra_result = {"gpu_apps_before_kill": gpu_apps, "spare_pids": spares.stdout.split()}
                     pattern = f"ft_appliance.worker {out}"
                     workers = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
                     for pid in workers:
@@ -196,6 +202,7 @@ def run_case(work: Path, name: str, steps: int, kill_at: int | None = None, extr
         rc = proc.wait()
     wall = time.time() - t0
     result = {"case": name, "rc": rc, "wall_s": round(wall, 1), "overrides": overrides, "flags": flags}
+    result.update(extra_result)
     marks = sorted(arrivals)
     gaps = [
         arrivals[b] - arrivals[a]
@@ -253,9 +260,13 @@ def startup_breakdown(events: list[dict], steps_rec: list[dict], attempt: int) -
             "cli_to_launch (imports, preflight)": launch["time"] - (launch.get("cli_start") or launch["time"]),
         }
     )
+    # A spare (supervise.py) started and imported before the launch: those phases take no time then.
+    started = max(imports["process_start"], launch["time"])
+    imported = max(imports.get("imported", imports["time"]), started)
     out |= {
-        "launch_to_worker_process (torchrun)": imports["process_start"] - launch["time"],
-        "worker_imports (torch, transformers, llamafactory)": imports["time"] - imports["process_start"],
+        "launch_to_worker_process (torchrun)": started - launch["time"],
+        "worker_imports (torch, transformers, llamafactory)": imported - started,
+        "spare_go (run file to the waiting spare)": imports["time"] - imported,
         "imports_to_train_begin (model load, data, LoRA)": begin["time"] - imports["time"],
         "first_step": first["time"] - begin["time"],
     }

@@ -96,10 +96,10 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
     raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
 
 
-def training_processes(output_dir: Path) -> list[psutil.Process]:
+def training_processes(output_dir: Path, attempt: int | None = None) -> list[psutil.Process]:
     from ft_appliance.soak import training_processes as find
 
-    return find(output_dir)
+    return find(output_dir, attempt)
 
 
 @contextlib.contextmanager

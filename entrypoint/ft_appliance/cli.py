@@ -160,6 +160,14 @@ def supervisor_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "gradient checkpointing); train exactly as the YAML says.",
         ),
         click.option(
+            "--no-spare",
+            is_flag=True,
+            envvar="FT_NO_SPARE",
+            show_envvar=True,
+            help="Do not keep spare workers with the stack imported (one more process per GPU, idle) to "
+            "take over after a crash; a restart then imports everything again.",
+        ),
+        click.option(
             "--no-autotune",
             is_flag=True,
             envvar="FT_NO_AUTOTUNE",
@@ -209,7 +217,9 @@ def make_plan(
         overrides,
         nproc=nproc,
         workdir=kw["workdir"],
-        retry=RetryPolicy(kw["max_restarts"], kw["backoff"], max(kw["backoff"], 60.0), kw["crash_loop_limit"]),
+        retry=RetryPolicy(
+            kw["max_restarts"], kw["backoff"], max(kw["backoff"], 60.0), kw["crash_loop_limit"], not kw.get("no_spare")
+        ),
         timeouts=Timeouts(kw["stop_grace"], kw["hang_timeout"], kw["startup_timeout"]),
         rendezvous=Rendezvous(kw["nnodes"], 0, kw["rdzv_endpoint"], kw["rdzv_id"]),
     )

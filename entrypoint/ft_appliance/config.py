@@ -38,6 +38,9 @@ class RetryPolicy:
     backoff_max_s: float = 60.0
     crash_loop_limit: int = 3
     """Consecutive failed attempts that end on the same step before giving up as a crash loop."""
+    spare: bool = True
+    """Keep a spare set of workers with the stack imported while training runs, to take over after a
+    crash without importing it again."""
 
 
 @dataclass(frozen=True)
@@ -75,8 +78,7 @@ class Plan:
     notes: tuple[str, ...] = ()
     """Policy decisions worth a log line ("overwrite_output_dir forced off: ...")."""
     tweaks: tuple[str, ...] = ()
-    """Changes the worker makes to the loaded model (profile.BLOCKDIAG_ATTENTION, profile.LORA_INPUTS),
-    each explained in notes."""
+    """Changes the worker makes to the loaded model (profile.Profile.tweaks), each explained in notes."""
 
     def with_args(self, **updates: Any) -> Plan:
         return replace(self, args={**self.args, **updates})

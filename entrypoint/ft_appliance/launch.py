@@ -75,3 +75,18 @@ def build_launch(
     env["FT_ATTEMPT"] = str(attempt)
     argv = torchrun_argv(plan.nproc, plan.rendezvous, master_port, [str(run_file)])
     return LaunchSpec(argv=argv, env=env, cwd=plan.workdir, run_file=run_file, attempt_dir=attempt_dir)
+
+
+def spare_allowed(plan: Plan) -> bool:
+    """A spare needs a restart to serve and a rendezvous of its own: single node only, since the
+    nodes of a multi-node job restart together through their shared rendezvous."""
+    return plan.retry.spare and plan.retry.max_restarts > 0 and not plan.rendezvous.endpoint
+
+
+def build_spare(
+    plan: Plan, go_file: Path, spare_dir: Path, master_port: int, base_env: Mapping[str, str], supervisor_pid: int
+) -> LaunchSpec:
+    """A torchrun whose workers import the stack and wait for go_file, to become the next attempt."""
+    env = {**DEFAULT_ENV, **base_env, "FT_SUPERVISOR_PID": str(supervisor_pid)}
+    argv = torchrun_argv(plan.nproc, plan.rendezvous, master_port, ["--spare", str(go_file)])
+    return LaunchSpec(argv=argv, env=env, cwd=plan.workdir, run_file=go_file, attempt_dir=spare_dir)

@@ -41,15 +41,30 @@ class TrainingProcess:
         )
         self._known: dict[int, psutil.Process] = {}
         self._echo = echo
+        self._switch = threading.Lock()
         self._reader = threading.Thread(target=self._pump, name="torchrun-output", daemon=True)
         self._reader.start()
 
     def _pump(self) -> None:
         assert self.popen.stdout is not None
         for line in self.popen.stdout:
-            self._log.write(line)
+            with self._switch:
+                self._log.write(line)
+                self._log.flush()
+                self._echo(line.rstrip("\n"))
+
+    def adopt(self, attempt_dir: Path, echo: Callable[[str], None]) -> None:
+        """A spare becomes an attempt: its output so far and from now on goes to the attempt's log,
+        and is echoed from now on."""
+        attempt_dir.mkdir(parents=True, exist_ok=True)
+        with self._switch:
+            self._log.close()
+            earlier = self.log_path.read_text(errors="replace")
+            self.log_path = attempt_dir / "output.log"
+            self._log = open(self.log_path, "a", encoding="utf-8", errors="replace")  # noqa: SIM115
+            self._log.write(earlier)
             self._log.flush()
-            self._echo(line.rstrip("\n"))
+            self._echo = echo
 
     @property
     def pid(self) -> int:

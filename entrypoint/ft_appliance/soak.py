@@ -56,9 +56,16 @@ class SoakReport:
         return d
 
 
-def training_processes(output_dir: Path) -> list[psutil.Process]:
-    """torchrun and worker processes of one run, found by the run file in their command line."""
-    needle = str(statefiles.state_dir(output_dir) / "attempts")
+def training_processes(output_dir: Path, attempt: int | None = None) -> list[psutil.Process]:
+    """torchrun and worker processes of one run (spares included), or of one attempt, found by the
+    run file or spare's go file in their command line."""
+    sd = statefiles.state_dir(output_dir)
+    needle = str(sd)
+    if attempt is not None:
+        launch = statefiles.read_json(sd / "attempts" / str(attempt) / "launch.json")
+        if not launch:
+            return []
+        needle = str(launch["argv"][-1])
     found = []
     for p in psutil.process_iter(["cmdline"]):
         try:

@@ -3,6 +3,9 @@
 Each attempt: set aside torn checkpoints -> resume explicitly from the newest complete one ->
 launch -> monitor (progress, hang watchdog, operator stop) -> classify the outcome (policy.py) ->
 done, or retry with exponential backoff (tenacity), bounded by max_restarts and the crash-loop guard.
+
+Once an attempt trains, a spare set of workers imports the stack and waits (worker.wait_for_go); a
+restart hands it the next attempt's run file instead of launching and importing everything again.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 from . import checkpoints, policy, statefiles
 from .config import Plan
 from .errors import CrashLoop, RetriesExhausted, Stopped, TrainingFailed
-from .launch import build_launch
+from .launch import LaunchSpec, build_launch, build_spare, spare_allowed
 from .policy import AttemptOutcome, Verdict, WorkerFailure
 from .process import TrainingProcess, free_port
 from .status import Progress, format_progress, progress, steps_lost
@@ -69,6 +72,13 @@ class AttemptFailed(Exception):
 
 
 @dataclass
+class Spare:
+    proc: TrainingProcess
+    spec: LaunchSpec
+    go_file: Path
+
+
+@dataclass
 class RunResult:
     state: str
     """"finished" or "already_finished"."""
@@ -110,9 +120,13 @@ def artifacts(output_dir: Path) -> list[str]:
     return [str(output_dir / n) for n in ARTIFACT_NAMES if (output_dir / n).exists()]
 
 
-def _next_attempt_number(sd: Path) -> int:
-    numbers = [int(p.name) for p in (sd / "attempts").glob("*") if p.name.isdigit()]
+def _next_number(folder: Path) -> int:
+    numbers = [int(p.name) for p in folder.glob("*") if p.name.isdigit()]
     return max(numbers, default=0) + 1
+
+
+def _next_attempt_number(sd: Path) -> int:
+    return _next_number(sd / "attempts")
 
 
 class Supervisor:
@@ -124,6 +138,9 @@ class Supervisor:
         self.out = plan.output_dir
         self.sd = statefiles.state_dir(plan.output_dir)
         self.history: list[AttemptOutcome] = []
+        self.spare: Spare | None = None
+        self.spare_for = 0
+        """The attempt that last started a spare: one spare per attempt, even if it dies."""
 
     # --- status -------------------------------------------------------------------------------
     def say(self, msg: str) -> None:
@@ -206,16 +223,31 @@ class Supervisor:
         statefiles.write_json(
             run_file, {"args": args, "state_dir": str(self.sd), "attempt": number, "tweaks": list(self.plan.tweaks)}
         )
-        spec = build_launch(self.plan, number, run_file, attempt_dir, free_port(), self.env)
-        statefiles.write_json(attempt_dir / "launch.json", {"argv": spec.argv, "cwd": str(spec.cwd)})
-        self.say("launch: " + " ".join(spec.argv))
+        spare = self.take_spare()
+        spec = spare.spec if spare else build_launch(self.plan, number, run_file, attempt_dir, free_port(), self.env)
+        statefiles.write_json(
+            attempt_dir / "launch.json",
+            {"argv": spec.argv, "cwd": str(spec.cwd), "spare": str(spare.go_file) if spare else None},
+        )
+        self.say(("launch: spare workers, stack already imported: " if spare else "launch: ") + " ".join(spec.argv))
         self.write_status("training", resumed_from=start_step)
 
         statefiles.append_jsonl(
             self.sd / statefiles.EVENTS,
-            {"event": "launch", "attempt": number, "time": time.time(), "cli_start": _process_start()},
+            {
+                "event": "launch",
+                "attempt": number,
+                "spare": bool(spare),
+                "time": time.time(),
+                "cli_start": _process_start(),
+            },
         )
-        proc = TrainingProcess(spec, self.echo)
+        if spare:
+            proc = spare.proc
+            proc.adopt(attempt_dir, self.echo)
+            statefiles.write_json(spare.go_file, {"run_file": str(run_file)})
+        else:
+            proc = TrainingProcess(spec, self.echo)
         try:
             hung, stop_sig = self.monitor(proc, number)
         finally:
@@ -244,6 +276,7 @@ class Supervisor:
             if last and last.get("attempt") == number and last.get("step") != last_step_seen:
                 last_step_seen = last.get("step")
                 last_step_at = now
+                self.start_spare(number)  # after the first step: its imports do not slow this start
             limit, what = (t.hang_s, "a step") if last_step_seen is not None else (t.startup_s, "the first step")
             if now - last_step_at > limit:
                 self.say(
@@ -292,6 +325,30 @@ class Supervisor:
             completed=bool(completed and completed.get("attempt") == number),
         )
 
+    # --- the spare --------------------------------------------------------------------------------
+    def start_spare(self, attempt: int) -> None:
+        if self.spare is not None or self.spare_for >= attempt or not spare_allowed(self.plan):
+            return
+        self.spare_for = attempt
+        spare_dir = self.sd / "spares" / str(_next_number(self.sd / "spares"))
+        go_file = spare_dir / "go.json"
+        spec = build_spare(self.plan, go_file, spare_dir, free_port(), self.env, os.getpid())
+        # Quiet until adopted: its import warnings belong to the attempt it becomes, not this one.
+        self.spare = Spare(TrainingProcess(spec, lambda _line: None), spec, go_file)
+
+    def take_spare(self) -> Spare | None:
+        spare, self.spare = self.spare, None
+        if spare is not None and spare.proc.poll() is not None:
+            self.say(f"spare workers exited (code {spare.proc.popen.returncode}); launching afresh")
+            spare.proc.close()
+            return None
+        return spare
+
+    def discard_spare(self) -> None:
+        if self.spare is not None:
+            self.spare.proc.close()
+            self.spare = None
+
     # --- the loop --------------------------------------------------------------------------------
     def run(self) -> RunResult:
         if is_finished(self.out):
@@ -321,6 +378,8 @@ class Supervisor:
         except ShutdownRequested as exc:
             self.write_status("stopped")
             raise Stopped("stopped during a restart wait; start again to resume", exc.signum) from None
+        finally:
+            self.discard_spare()
         p = self.current_progress()
         self.write_status("finished")
         restarts, lost = restart_history(self.sd)

@@ -4,6 +4,10 @@ callback (checkpoint markers, progress, graceful stop).
 Runs as `python -m ft_appliance.worker RUN_FILE`, where RUN_FILE is the JSON written by the
 supervisor: {"args": {...LlamaFactory args...}, "state_dir": ..., "attempt": N}.
 It talks to the supervisor only through files in state_dir and its exit code.
+
+`python -m ft_appliance.worker --spare GO_FILE` is a spare: it imports the stack (most of a
+restart's time), then waits until the supervisor writes GO_FILE ({"run_file": RUN_FILE}) and runs
+that attempt. It leaves on its own if the supervisor (FT_SUPERVISOR_PID) goes away first.
 """
 
 from __future__ import annotations
@@ -316,21 +320,53 @@ def _write_failure(state_dir: Path, attempt: int, exc: BaseException, phase: str
     statefiles.write_json(state_dir / "attempts" / str(attempt) / f"failure-rank{_rank()}.json", record)
 
 
+def wait_for_go(go_file: Path, supervisor_pid: int, stop: StopFlag, poll_s: float = 0.05) -> Path | None:
+    """A spare's wait: the run file named in go_file, or None when the supervisor is gone or a stop
+    signal came first."""
+    while not go_file.exists():
+        if stop.signum or not _alive(supervisor_pid):
+            return None
+        time.sleep(poll_s)
+    return Path(json.loads(go_file.read_text())["run_file"])
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    run = json.loads(Path(argv[0]).read_text())
-    state_dir = Path(run["state_dir"])
-    attempt = int(run["attempt"])
-    args: dict[str, Any] = run["args"]
-
     stop = StopFlag()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
 
     started = time.time()
     allow_cpu_device_tags()
+    from llamafactory.train.tuner import run_exp  # the stack: most of a start's time
+
+    imported = time.time()
+    if argv[0] == "--spare":
+        go_file = Path(argv[1])
+        (go_file.parent / f"ready-rank{_rank()}").write_text(f"{imported - started:.1f}\n")  # import seconds
+        found = wait_for_go(go_file, int(os.environ.get("FT_SUPERVISOR_PID", "0")), stop)
+        if found is None:
+            return WORKER_EXIT_STOPPED
+        run_path = found
+    else:
+        run_path = Path(argv[0])
+    run = json.loads(run_path.read_text())
+    state_dir = Path(run["state_dir"])
+    attempt = int(run["attempt"])
+    args: dict[str, Any] = run["args"]
     callback = build_callback(state_dir, attempt, stop, tuple(run.get("tweaks") or ()))
-    from llamafactory.train.tuner import run_exp
 
     if _rank() == 0:  # where startup time goes (docs/benchmarks.md)
         import psutil
@@ -342,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
                 "attempt": attempt,
                 "process_start": psutil.Process().create_time(),
                 "main_start": started,
+                "imported": imported,
+                "spare": argv[0] == "--spare",
                 "time": time.time(),
             },
         )

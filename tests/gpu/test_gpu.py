@@ -94,3 +94,35 @@ def test_blockdiag_kernel_matches_the_reference_forward_and_backward() -> None:
     torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
     for t, r in zip((q, k, v), ref_in, strict=True):
         torch.testing.assert_close(t.grad.float(), r.grad, atol=5e-2, rtol=5e-2)
+
+
+def test_a_crashed_rank_restarts_on_spare_workers_that_held_no_gpu_memory(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+
+    from ft_appliance.demo import build_demo
+    from ft_appliance.soak import kill_run, training_processes
+
+    from tests.helpers import start_cli, steps, wait_for
+
+    # Long enough that the spare has imported the stack (about 20 s) well before the end.
+    cfg = build_demo(tmp_path / "data", max_steps=20000, save_steps=20)
+    out = tmp_path / "data" / "output" / "demo-lora"
+    sup = start_cli("train", str(cfg), "--backoff", "0", log=tmp_path / "log")
+    try:
+        spare = out / ".ft" / "spares" / "1"
+        wait_for(lambda: len(list(spare.glob("ready-rank*"))) == INV.count, 300, what="spare workers imported")
+        spare_pids = {p.pid for p in training_processes(out) if "--spare" in p.cmdline()}
+        apps = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.split()
+        assert spare_pids and not spare_pids & {int(a) for a in apps}, (spare_pids, apps)
+        ranks = [p for p in training_processes(out, 1) if "torch.distributed.run" not in " ".join(p.cmdline())]
+        ranks[0].send_signal(signal.SIGKILL)
+        wait_for(lambda: any(r["attempt"] == 2 for r in steps(out)), 300, what="a step of attempt 2")
+        assert json.loads((out / ".ft" / "attempts" / "2" / "launch.json").read_text())["spare"]
+        sup.send_signal(signal.SIGTERM)
+        assert sup.wait(120) == 143, (tmp_path / "log").read_text()[-3000:]
+    finally:
+        if sup.poll() is None:
+            kill_run(sup, out)

@@ -5,7 +5,10 @@ finished runs, SIGTERM, crash loops, hangs, and bit-exact continuation. 2 CPU pr
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -62,10 +65,18 @@ def test_sigkill_of_a_worker_mid_step_restarts_from_newest_complete(make_config,
     proc = start_cli("train", str(cfg), *FAST, log=tmp_path / "log")
     wait_for(lambda: last_step(out) >= 25, 120, what="step 25")
     # A rank dies mid-step (OOM killer, segfault): torchrun takes the group down, the supervisor restarts.
-    rank1 = [p for p in training_processes(out) if "torch.distributed.run" not in " ".join(p.cmdline())]
+    rank1 = [p for p in training_processes(out, 1) if "torch.distributed.run" not in " ".join(p.cmdline())]
     killed_at = last_step(out)
     rank1[-1].send_signal(signal.SIGKILL)
     assert proc.wait(240) == 0, (tmp_path / "log").read_text()[-3000:]
+
+    # The restart ran on the spare workers started after attempt 1's first step, not a new launch.
+    launch = json.loads((out / ".ft" / "attempts" / "2" / "launch.json").read_text())
+    assert launch["spare"] and "--spare" in launch["argv"]
+    assert "launch: spare workers, stack already imported" in (tmp_path / "log").read_text()
+    events = statefiles.read_jsonl(out / ".ft" / statefiles.EVENTS)
+    begun = [e for e in events if e.get("event") == "worker_imports" and e["attempt"] == 2]
+    assert begun and begun[0]["spare"] is True
 
     newest_complete = max(s for s in marked_steps(out) if s <= killed_at + 1)
     assert resumed_from(out, 2) in {f"checkpoint-{newest_complete}", f"checkpoint-{newest_complete - 10}"}
@@ -227,7 +238,7 @@ def test_hang_is_detected_killed_and_restarted(make_config, tmp_path: Path) -> N
     out = output_dir(cfg)
     sup = start_cli("train", str(cfg), *FAST, "--hang-timeout", "4", log=tmp_path / "log")
     wait_for(lambda: last_step(out) >= 15, 120, what="step 15")
-    frozen = training_processes(out)
+    frozen = training_processes(out, 1)
     for p in frozen:
         p.suspend()  # a deadlocked collective looks like this from outside: alive, no progress
     assert sup.wait(240) == 0, (tmp_path / "log").read_text()[-3000:]
@@ -282,3 +293,24 @@ def test_crash_loop_is_detected_across_container_restarts(make_config) -> None:
         ]
     assert codes == [6, 6, 7]
     assert len(attempts(out)) == 3
+
+
+def test_a_spare_leaves_when_its_supervisor_is_gone(tmp_path: Path) -> None:
+    """A supervisor killed on its own (not the container) must not leave idle spares behind."""
+    supervisor = subprocess.Popen(["sleep", "300"])
+    go = tmp_path / "go.json"
+    spare = subprocess.Popen(
+        [sys.executable, "-m", "ft_appliance.worker", "--spare", str(go)],
+        env={**os.environ, "FT_SUPERVISOR_PID": str(supervisor.pid)},
+    )
+    try:
+        time.sleep(1.0)
+        assert spare.poll() is None  # importing, then waiting for go.json
+        supervisor.kill()
+        supervisor.wait()
+        assert spare.wait(120) == 75  # WORKER_EXIT_STOPPED, having run nothing
+        assert not go.exists()
+    finally:
+        for p in (supervisor, spare):
+            if p.poll() is None:
+                p.kill()

@@ -1,10 +1,11 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from ft_appliance.config import Plan, Rendezvous
-from ft_appliance.launch import DEFAULT_ENV, build_launch, torchrun_argv
+from ft_appliance.config import Plan, Rendezvous, RetryPolicy
+from ft_appliance.launch import DEFAULT_ENV, build_launch, build_spare, spare_allowed, torchrun_argv
 
 
 @pytest.mark.parametrize("nproc", [1, 2, 8])
@@ -39,3 +40,18 @@ def test_launch_env_defaults_and_user_env_wins(tmp_path: Path) -> None:
     assert spec.env["FT_ATTEMPT"] == "3"
     assert spec.cwd == tmp_path
     assert "--nproc-per-node" in spec.argv and spec.argv[spec.argv.index("--nproc-per-node") + 1] == "2"
+
+
+def test_spare_waits_for_its_go_file_and_knows_its_supervisor(tmp_path: Path) -> None:
+    plan = Plan(tmp_path / "c.yaml", {"output_dir": str(tmp_path)}, tmp_path, 2, tmp_path)
+    spec = build_spare(plan, tmp_path / "go.json", tmp_path / "s", 1234, {"PATH": "/bin"}, supervisor_pid=42)
+    assert spec.argv[-4:] == ["-m", "ft_appliance.worker", "--spare", str(tmp_path / "go.json")]
+    assert spec.env["FT_SUPERVISOR_PID"] == "42" and "FT_ATTEMPT" not in spec.env
+
+
+def test_spare_only_where_a_single_node_can_restart(tmp_path: Path) -> None:
+    plan = Plan(tmp_path / "c.yaml", {}, tmp_path, 2, tmp_path)
+    assert spare_allowed(plan)
+    assert not spare_allowed(replace(plan, retry=RetryPolicy(max_restarts=0)))  # nothing to take over
+    assert not spare_allowed(replace(plan, retry=RetryPolicy(spare=False)))  # --no-spare
+    assert not spare_allowed(replace(plan, rendezvous=Rendezvous("2", 0, "head:29400")))  # nodes restart together
