@@ -229,7 +229,10 @@ class Supervisor:
             attempt_dir / "launch.json",
             {"argv": spec.argv, "cwd": str(spec.cwd), "spare": str(spare.go_file) if spare else None},
         )
-        self.say(("launch: spare workers, stack already imported: " if spare else "launch: ") + " ".join(spec.argv))
+        self.say(
+            ("launch: on the spare workers, importing since the last attempt: " if spare else "launch: ")
+            + " ".join(spec.argv)
+        )
         self.write_status("training", resumed_from=start_step)
 
         statefiles.append_jsonl(

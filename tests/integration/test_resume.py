@@ -73,7 +73,7 @@ def test_sigkill_of_a_worker_mid_step_restarts_from_newest_complete(make_config,
     # The restart ran on the spare workers started after attempt 1's first step, not a new launch.
     launch = json.loads((out / ".ft" / "attempts" / "2" / "launch.json").read_text())
     assert launch["spare"] and "--spare" in launch["argv"]
-    assert "launch: spare workers, stack already imported" in (tmp_path / "log").read_text()
+    assert "launch: on the spare workers, importing since the last attempt" in (tmp_path / "log").read_text()
     events = statefiles.read_jsonl(out / ".ft" / statefiles.EVENTS)
     begun = [e for e in events if e.get("event") == "worker_imports" and e["attempt"] == 2]
     assert begun and begun[0]["spare"] is True
