@@ -17,14 +17,15 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import yaml
 from ft_appliance.demo import build_tokenizer
+from ft_appliance.soak import for_each_alive, spare_processes, training_processes
 
 N_PARAMS = 7.505e9  # the convention for MFU (4N): frozen base, no weight gradients
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
@@ -191,12 +192,9 @@ def run_case(work: Path, name: str, steps: int, kill_at: int | None = None, extr
                     if shutil.which("nvidia-smi"):  # the spare's waiting workers must hold no GPU memory
                         apps = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader"]
                         gpu_apps = subprocess.run(apps, capture_output=True, text=True).stdout.strip().splitlines()
-                        spares = subprocess.run(["pgrep", "-f", "worker --spare"], capture_output=True, text=True)
-                        extra_result = {"gpu_apps_before_kill": gpu_apps, "spare_pids": spares.stdout.split()}
-                    pattern = f"ft_appliance.worker {out}"
-                    workers = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
-                    for pid in workers:
-                        os.kill(int(pid), signal.SIGKILL)
+                        spares = [p.pid for p in spare_processes(out)]
+                        extra_result = {"gpu_apps_before_kill": gpu_apps, "spare_pids": spares}
+                    for_each_alive(training_processes(out, s[-1]["attempt"]), psutil.Process.kill)
                     killed = time.time()
             time.sleep(0.01)
         rc = proc.wait()

@@ -77,6 +77,16 @@ def training_processes(output_dir: Path, attempt: int | None = None) -> list[psu
     return found
 
 
+def worker_ranks(output_dir: Path, attempt: int) -> list[psutil.Process]:
+    """The training ranks of one attempt: its processes without torchrun's agent."""
+    return [p for p in training_processes(output_dir, attempt) if "torch.distributed.run" not in p.info["cmdline"]]
+
+
+def spare_processes(output_dir: Path) -> list[psutil.Process]:
+    """The run's spare workers (and their torchrun) that no attempt has taken yet."""
+    return [p for p in training_processes(output_dir) if "--spare" in p.info["cmdline"]]
+
+
 def for_each_alive(procs: list[psutil.Process], action: Callable[[psutil.Process], Any]) -> None:
     """action(p) for each process (psutil.Process.suspend, .resume, .kill); one already gone is skipped."""
     for p in procs:

@@ -21,6 +21,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from . import statefiles
 
 # Exit code of a worker that stopped on request after saving (EX_TEMPFAIL: try again later).
@@ -324,22 +326,10 @@ def wait_for_go(go_file: Path, supervisor_pid: int, stop: StopFlag, poll_s: floa
     """A spare's wait: the run file named in go_file, or None when the supervisor is gone or a stop
     signal came first."""
     while not go_file.exists():
-        if stop.signum or not _alive(supervisor_pid):
+        if stop.signum or (supervisor_pid > 0 and not psutil.pid_exists(supervisor_pid)):
             return None
         time.sleep(poll_s)
     return Path(json.loads(go_file.read_text())["run_file"])
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,8 +359,6 @@ def main(argv: list[str] | None = None) -> int:
     callback = build_callback(state_dir, attempt, stop, tuple(run.get("tweaks") or ()))
 
     if _rank() == 0:  # where startup time goes (docs/benchmarks.md)
-        import psutil
-
         statefiles.append_jsonl(
             state_dir / statefiles.EVENTS,
             {

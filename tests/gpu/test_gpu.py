@@ -101,7 +101,7 @@ def test_a_crashed_rank_restarts_on_spare_workers_that_held_no_gpu_memory(tmp_pa
     import subprocess
 
     from ft_appliance.demo import build_demo
-    from ft_appliance.soak import kill_run, training_processes
+    from ft_appliance.soak import kill_run, spare_processes, worker_ranks
 
     from tests.helpers import start_cli, steps, wait_for
 
@@ -112,13 +112,12 @@ def test_a_crashed_rank_restarts_on_spare_workers_that_held_no_gpu_memory(tmp_pa
     try:
         spare = out / ".ft" / "spares" / "1"
         wait_for(lambda: len(list(spare.glob("ready-rank*"))) == INV.count, 300, what="spare workers imported")
-        spare_pids = {p.pid for p in training_processes(out) if "--spare" in p.cmdline()}
+        spare_pids = {p.pid for p in spare_processes(out)}
         apps = subprocess.run(
             ["nvidia-smi", "--query-compute-apps=pid", "--format=csv,noheader"], capture_output=True, text=True
         ).stdout.split()
         assert spare_pids and not spare_pids & {int(a) for a in apps}, (spare_pids, apps)
-        ranks = [p for p in training_processes(out, 1) if "torch.distributed.run" not in " ".join(p.cmdline())]
-        ranks[0].send_signal(signal.SIGKILL)
+        worker_ranks(out, 1)[0].send_signal(signal.SIGKILL)
         wait_for(lambda: any(r["attempt"] == 2 for r in steps(out)), 300, what="a step of attempt 2")
         assert json.loads((out / ".ft" / "attempts" / "2" / "launch.json").read_text())["spare"]
         sup.send_signal(signal.SIGTERM)

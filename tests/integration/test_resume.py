@@ -16,7 +16,7 @@ import psutil
 import pytest
 import yaml
 from ft_appliance import statefiles
-from ft_appliance.soak import for_each_alive, kill_run
+from ft_appliance.soak import for_each_alive, kill_run, worker_ranks
 
 from tests.helpers import (
     killing_every_launch,
@@ -65,7 +65,7 @@ def test_sigkill_of_a_worker_mid_step_restarts_from_newest_complete(make_config,
     proc = start_cli("train", str(cfg), *FAST, log=tmp_path / "log")
     wait_for(lambda: last_step(out) >= 25, 120, what="step 25")
     # A rank dies mid-step (OOM killer, segfault): torchrun takes the group down, the supervisor restarts.
-    rank1 = [p for p in training_processes(out, 1) if "torch.distributed.run" not in " ".join(p.cmdline())]
+    rank1 = worker_ranks(out, 1)
     killed_at = last_step(out)
     rank1[-1].send_signal(signal.SIGKILL)
     assert proc.wait(240) == 0, (tmp_path / "log").read_text()[-3000:]
