@@ -110,6 +110,37 @@ def test_empty_volume_is_laid_out_and_no_training_starts(volume: str) -> None:
     assert "models/" in (host / "README.txt").read_text()
 
 
+# Every module a worker imports, checked the way Python checks it: a .pyc beside the source whose
+# header matches the source's mtime and size. The image runs as a user who cannot write /opt/venv, so
+# a missing or stale .pyc would be compiled again at every start (8 of 13 import seconds on a GPU
+# machine whose environment had no bytecode; docs/benchmarks.md).
+BYTECODE_CHECK = """
+import importlib.util, json, os, struct, sys
+import ft_appliance.worker
+from llamafactory.train.tuner import run_exp
+
+def stale(path):
+    try:
+        with open(importlib.util.cache_from_source(path), "rb") as fh:
+            flags, mtime, size = struct.unpack("<4xIII", fh.read(16))
+    except OSError:
+        return True
+    st = os.stat(path)
+    return flags == 0 and (mtime, size) != (int(st.st_mtime) & 0xFFFFFFFF, st.st_size & 0xFFFFFFFF)
+
+files = {getattr(m, "__file__", None) or "" for m in list(sys.modules.values())}
+files = sorted(f for f in files if f.endswith(".py") and os.path.isabs(f))
+print(json.dumps({"modules": len(files), "without_bytecode": [f for f in files if stale(f)]}))
+"""
+
+
+def test_the_stack_starts_from_bytecode_without_compiling_sources(image: str) -> None:
+    res = sh(*RUN, "--rm", "--entrypoint", "python", image, "-c", BYTECODE_CHECK, timeout=300)
+    found = json.loads(res.stdout.strip().splitlines()[-1])
+    assert found["modules"] > 1000  # torch, transformers, llamafactory and the rest were imported
+    assert found["without_bytecode"] == []
+
+
 def test_no_gpu_visible_says_add_gpus_all(volume: str) -> None:
     cfg, _ = demo_layout(volume, 10, 5, "nogpu")
     res = sh(*RUN, "-v", f"{volume}:/data", IMAGE, "train", cfg, check=False)
