@@ -6,6 +6,10 @@ set -uo pipefail
 OUT="${OUT:-/tmp/ft-out}"; mkdir -p "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="/tmp/site:$PWD/entrypoint:$PWD" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HOME=/tmp/hf PYTHONUNBUFFERED=1
+# Bytecode for the whole stack, as the image has it (pip compiles at build); these machines' Python
+# has none and writes none, and every test launch would compile torch again (benchmarks/bench.py).
+export PYTHONPYCACHEPREFIX=/tmp/pycache
+python3 -c 'import sys; print("\n".join(p for p in sys.path if p))' | xargs python3 -m compileall -q -j 0 >/dev/null 2>&1
 python3 - <<'PY' > "$OUT/versions.txt"
 import importlib.metadata as m, torch
 for p in ["torch", "torchaudio", "transformers", "tokenizers", "accelerate", "peft", "trl", "datasets", "llamafactory", "liger-kernel", "triton"]:
