@@ -153,22 +153,21 @@ def seed_config(work: Path, name: str, steps: int, overrides: dict) -> Path:
     return path
 
 
-def compile_bytecode(work: Path) -> float:
-    """Bytecode for every package on sys.path, kept under work/pycache, as the image build has it.
+def compile_bytecode(prefix: Path) -> float:
+    """Bytecode for every package on sys.path, kept under prefix, as the image build has it.
 
     pip compiles bytecode when the image is built; a machine whose Python environment has none and
     writes none (read-only site-packages, PYTHONDONTWRITEBYTECODE) compiles torch, sympy and the rest
     from source at every start: 8 of 13 import seconds in a profile of one launch. The prefix leaves the
-    machine's own installation untouched. Returns the seconds spent (next to nothing once done).
+    machine's own installation untouched. Also used by gpu_smoke.sh before the GPU tests. Returns the
+    seconds spent (next to nothing once done).
     """
-    prefix = work / "pycache"
-    os.environ["PYTHONPYCACHEPREFIX"] = str(prefix)  # inherited by the CLI, torchrun and the workers
+    os.environ["PYTHONPYCACHEPREFIX"] = str(prefix)  # inherited by compileall, the CLI, torchrun, workers
     # The standard library too: with a prefix set, Python looks for every module's bytecode there only.
     dirs = sorted({p for p in sys.path if p and Path(p).is_dir()})
     started = time.time()
     subprocess.run(
         [sys.executable, "-m", "compileall", "-q", "-j", "0", *dirs],
-        env=os.environ,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,  # the standard library's test data warns about its own odd syntax
         check=False,  # a few upstream files (templates, Python 2 leftovers) do not compile; nothing imports them
@@ -342,7 +341,8 @@ def main() -> None:
         extra = {"bf16": False, "cutoff_len": 256, "preprocessing_num_workers": 2, "dataloader_num_workers": 0, **extra}
     build(a.workdir, tiny=a.tiny)
     if not a.no_bytecode:
-        print(f"bytecode: {compile_bytecode(a.workdir):.1f} s to compile the stack under {a.workdir / 'pycache'}")
+        seconds = compile_bytecode(a.workdir / "pycache")
+        print(f"bytecode: {seconds:.1f} s to compile the stack under {a.workdir / 'pycache'}")
     out = os.environ.get("OUT")
     results = []
     for case in a.cases:

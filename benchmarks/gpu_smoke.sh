@@ -9,7 +9,7 @@ export PYTHONPATH="/tmp/site:$PWD/entrypoint:$PWD" HF_HUB_OFFLINE=1 HF_DATASETS_
 # Bytecode for the whole stack, as the image has it (pip compiles at build); these machines' Python
 # has none and writes none, and every test launch would compile torch again (benchmarks/bench.py).
 export PYTHONPYCACHEPREFIX=/tmp/pycache
-python3 -c 'import sys; print("\n".join(p for p in sys.path if p))' | xargs python3 -m compileall -q -j 0 >/dev/null 2>&1
+python3 -c 'import sys; sys.path.insert(0, "benchmarks"); from pathlib import Path; from bench import compile_bytecode; compile_bytecode(Path("/tmp/pycache"))'
 python3 - <<'PY' > "$OUT/versions.txt"
 import importlib.metadata as m, torch
 for p in ["torch", "torchaudio", "transformers", "tokenizers", "accelerate", "peft", "trl", "datasets", "llamafactory", "liger-kernel", "triton"]:
