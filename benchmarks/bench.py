@@ -24,8 +24,8 @@ from pathlib import Path
 
 import psutil
 import yaml
-from ft_appliance.demo import build_tokenizer
-from ft_appliance.soak import for_each_alive, spare_processes, training_processes
+from ft_appliance.tools.demo import build_tokenizer
+from ft_appliance.tools.procs import for_each_alive, spare_processes, training_processes
 
 N_PARAMS = 7.505e9  # the convention for MFU (4N): frozen base, no weight gradients
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
@@ -79,7 +79,7 @@ def build(work: Path, n_examples: int = 3000, tiny: bool = False) -> None:
     words = [("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))) for _ in range(5000)]
     if tiny and not (model_dir / "config.json").exists():
         # CPU variant: the demo's tiny Llama (hidden 64, 2 layers) under the same name.
-        from ft_appliance.demo import build_model
+        from ft_appliance.tools.demo import build_model
 
         fast = build_tokenizer([" ".join(rng.choices(words, k=200)) for _ in range(500)], model_dir)
         build_model(model_dir, vocab_size=len(fast))

@@ -19,5 +19,5 @@ print("cuda", torch.version.cuda, torch.cuda.get_device_name(0))
 PY
 cat "$OUT/versions.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv | tee "$OUT/nvidia-smi.csv"
-python3 -c "import json; from ft_appliance.hardware import read_nvml; print(json.dumps(read_nvml().to_dict(), indent=1))" | tee "$OUT/inventory.json"
+python3 -c "import json; from ft_appliance.preflight.gpus import read_nvml; print(json.dumps(read_nvml().to_dict(), indent=1))" | tee "$OUT/inventory.json"
 python3 -m pytest -p no:cacheprovider -q tests/gpu 2>&1 | tee "$OUT/pytest.log" | tail -15

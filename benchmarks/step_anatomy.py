@@ -23,7 +23,7 @@ import random
 import time
 
 import torch
-from ft_appliance import attention, lora
+from ft_appliance.worker import attention, lora
 
 from benchmarks.bench import LLAMA_8B
 

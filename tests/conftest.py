@@ -20,7 +20,7 @@ def offline_env(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A /data-style layout with the tiny Llama and the demo dataset (built once, read-only by convention)."""
-    from ft_appliance.demo import build_demo
+    from ft_appliance.tools.demo import build_demo
 
     root = tmp_path_factory.mktemp("data")
     build_demo(root)

@@ -44,7 +44,7 @@ def offline_env(hf_home: Path) -> dict[str, str]:
 
 
 def write_config(demo_root: Path, tmp: Path, name: str = "run", **overrides: Any) -> Path:
-    from ft_appliance.demo import demo_config
+    from ft_appliance.tools.demo import demo_config
 
     cfg = demo_config(demo_root)
     cfg["output_dir"] = str(tmp / "output" / name)
@@ -77,7 +77,7 @@ def state_dir(output_dir: Path) -> Path:
 
 
 def steps(output_dir: Path) -> list[dict[str, Any]]:
-    from ft_appliance.statefiles import read_jsonl
+    from ft_appliance.state.files import read_jsonl
 
     return read_jsonl(state_dir(output_dir) / "steps.jsonl")
 
@@ -97,7 +97,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.
 
 
 def training_processes(output_dir: Path, attempt: int | None = None) -> list[psutil.Process]:
-    from ft_appliance.soak import training_processes as find
+    from ft_appliance.tools.procs import training_processes as find
 
     return find(output_dir, attempt)
 

@@ -18,8 +18,10 @@ EXIT_RETRIES = 6
 EXIT_CRASH_LOOP = 7
 EXIT_ENVIRONMENT = 8
 EXIT_INPUTS = 9
-EXIT_STOPPED = 128 + signal.SIGTERM  # 143: stopped on request, resumable
+EXIT_IN_USE = 10
+EXIT_HANGUP = 128 + signal.SIGHUP  # 129: stopped because the terminal or session went away, resumable
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # 130: same, from Ctrl-C
+EXIT_STOPPED = 128 + signal.SIGTERM  # 143: stopped on request, resumable
 
 EXIT_CODES: dict[int, str] = {
     EXIT_OK: "success (or the run had already finished)",
@@ -32,6 +34,8 @@ EXIT_CODES: dict[int, str] = {
     EXIT_CRASH_LOOP: "crash loop: restarts made no progress",
     EXIT_ENVIRONMENT: "environment: output volume not writable or full, /dev/shm too small",
     EXIT_INPUTS: "inputs: model, tokenizer, template or dataset missing or unusable",
+    EXIT_IN_USE: "the output_dir is in use by another live run (its supervisor or its training processes)",
+    EXIT_HANGUP: "stopped by SIGHUP after saving a checkpoint; start again to resume",
     EXIT_INTERRUPTED: "stopped by SIGINT after saving a checkpoint; start again to resume",
     EXIT_STOPPED: "stopped by SIGTERM after saving a checkpoint; start again to resume",
 }
@@ -71,6 +75,18 @@ class RetriesExhausted(ApplianceError):
 
 class CrashLoop(ApplianceError):
     exit_code = EXIT_CRASH_LOOP
+
+
+class RunInUse(ApplianceError):
+    """Another supervisor owns this output_dir, or training processes of an earlier one still live."""
+
+    exit_code = EXIT_IN_USE
+
+
+class StateError(ApplianceError):
+    """A state file that `status`/`health` must read is malformed."""
+
+    exit_code = EXIT_OTHER
 
 
 class Stopped(ApplianceError):

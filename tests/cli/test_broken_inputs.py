@@ -23,7 +23,7 @@ class Case:
         shutil.copytree(demo_root / "datasets", self.data / "datasets")
         self.model = self.data / "models" / "tiny-llama"
         shutil.copytree(demo_root / "models" / "tiny-llama", self.model)
-        from ft_appliance.demo import demo_config
+        from ft_appliance.tools.demo import demo_config
 
         self.args = demo_config(self.data)
         self.args["output_dir"] = str(root / "out")

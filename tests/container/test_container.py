@@ -69,7 +69,7 @@ def mountpoint(volume: str) -> Path:
 
 
 def steps_in(out: Path) -> list[dict]:
-    from ft_appliance.statefiles import read_jsonl
+    from ft_appliance.state.files import read_jsonl
 
     return read_jsonl(out / ".ft" / "steps.jsonl")
 

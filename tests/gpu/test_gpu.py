@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from ft_appliance.hardware import read_nvml
+from ft_appliance.preflight.gpus import read_nvml
 
 from tests.helpers import run_cli, trainer_state
 
@@ -21,7 +21,7 @@ def test_nvml_inventory_is_complete() -> None:
 
 
 def test_check_and_short_bf16_lora_run_on_every_gpu(tmp_path: Path) -> None:
-    from ft_appliance.demo import build_demo
+    from ft_appliance.tools.demo import build_demo
 
     cfg = build_demo(tmp_path / "data", max_steps=20, save_steps=10)
     res = run_cli("check", str(cfg), "--json", timeout=300)
@@ -42,7 +42,7 @@ def test_sigterm_on_gpu_saves_exits_and_frees_the_gpu(tmp_path: Path) -> None:
     import signal
     import subprocess
 
-    from ft_appliance.demo import build_demo
+    from ft_appliance.tools.demo import build_demo
 
     from tests.helpers import last_step, start_cli, wait_for
 
@@ -67,7 +67,7 @@ def test_sigterm_on_gpu_saves_exits_and_frees_the_gpu(tmp_path: Path) -> None:
 def test_blockdiag_kernel_matches_the_reference_forward_and_backward() -> None:
     """FlexAttention's block-sparse kernel, as the appliance calls it, against SDPA with a dense mask."""
     import torch
-    from ft_appliance import attention
+    from ft_appliance.worker import attention
 
     if not attention.flex_available():
         pytest.skip(f"torch {torch.__version__} has no FlexAttention")
@@ -100,8 +100,8 @@ def test_a_crashed_rank_restarts_on_spare_workers_that_held_no_gpu_memory(tmp_pa
     import signal
     import subprocess
 
-    from ft_appliance.demo import build_demo
-    from ft_appliance.soak import kill_run, spare_processes, worker_ranks
+    from ft_appliance.tools.demo import build_demo
+    from ft_appliance.tools.procs import kill_run, spare_processes, worker_ranks
 
     from tests.helpers import start_cli, steps, wait_for
 

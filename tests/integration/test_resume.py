@@ -15,8 +15,9 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from ft_appliance import statefiles
-from ft_appliance.soak import for_each_alive, kill_run, worker_ranks
+from ft_appliance.state.files import read_jsonl
+from ft_appliance.state.layout import MARKER
+from ft_appliance.tools.procs import for_each_alive, kill_run, worker_ranks
 
 from tests.helpers import (
     killing_every_launch,
@@ -48,7 +49,7 @@ def resumed_from(out: Path, attempt: int) -> str | None:
 
 
 def marked_steps(out: Path) -> list[int]:
-    return sorted(int(p.parent.name.split("-")[1]) for p in out.glob(f"checkpoint-*/{statefiles.MARKER}"))
+    return sorted(int(p.parent.name.split("-")[1]) for p in out.glob(f"checkpoint-*/{MARKER}"))
 
 
 def attempts(out: Path) -> list[str]:
@@ -74,9 +75,9 @@ def test_sigkill_of_a_worker_mid_step_restarts_from_newest_complete(make_config,
     launch = json.loads((out / ".ft" / "attempts" / "2" / "launch.json").read_text())
     assert launch["spare"] and "--spare" in launch["argv"]
     assert "launch: on the spare workers, importing since the last attempt" in (tmp_path / "log").read_text()
-    events = statefiles.read_jsonl(out / ".ft" / statefiles.EVENTS)
+    events = read_jsonl(out / ".ft" / "events.jsonl")
     begun = [e for e in events if e.get("event") == "worker_imports" and e["attempt"] == 2]
-    assert begun and begun[0]["spare"] is True
+    assert begun and begun[0]["data"]["spare"] is True
 
     newest_complete = max(s for s in marked_steps(out) if s <= killed_at + 1)
     assert resumed_from(out, 2) in {f"checkpoint-{newest_complete}", f"checkpoint-{newest_complete - 10}"}
@@ -101,7 +102,7 @@ def _stop_in_save(out: Path, save_steps: int, max_steps: int) -> int | None:
                 return None
         procs = training_processes(out)
         for_each_alive(procs, psutil.Process.suspend)
-        if not (ckpt / statefiles.MARKER).exists():
+        if not (ckpt / MARKER).exists():
             return step
         for_each_alive(procs, psutil.Process.resume)
     return None
@@ -117,7 +118,7 @@ def test_sigkill_of_the_whole_tree_mid_save_then_a_new_start(make_config, tmp_pa
     assert caught is not None, "no save was caught in flight"
     kill_run(sup, out)
     assert_no_training_processes(out)
-    assert not (out / f"checkpoint-{caught}" / statefiles.MARKER).exists()
+    assert not (out / f"checkpoint-{caught}" / MARKER).exists()
 
     res = run_cli("train", str(cfg), *FAST, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -133,7 +134,7 @@ def _crashed_run(make_config, tmp_path: Path, name: str) -> tuple[Path, Path]:
     cfg = make_config(name, max_steps=40, save_steps=10, logging_steps=10)
     out = output_dir(cfg)
     sup = start_cli("train", str(cfg), *FAST, log=tmp_path / f"{name}.log")
-    wait_for(lambda: (out / "checkpoint-20" / statefiles.MARKER).exists(), 180, what="checkpoint-20")
+    wait_for(lambda: (out / "checkpoint-20" / MARKER).exists(), 180, what="checkpoint-20")
     kill_run(sup, out)
     assert_no_training_processes(out)
     return cfg, out
@@ -192,7 +193,7 @@ def test_sigterm_saves_a_checkpoint_and_resumes_with_zero_lost_steps(make_config
     stopped = json.loads((out / ".ft" / "stopped.json").read_text())
     s = stopped["step"]
     assert 13 <= s < 50  # a checkpoint between regular saves
-    assert (out / f"checkpoint-{s}" / statefiles.MARKER).exists()
+    assert (out / f"checkpoint-{s}" / MARKER).exists()
     assert last_step(out) == s  # no step beyond the checkpoint
     assert_no_training_processes(out)
     assert status(out)["state"] == "stopped"

@@ -1,0 +1,215 @@
+"""Each command's steps, in the order of the data path: config -> Plan -> preflight -> own the run ->
+supervise -> result. cli.py turns options into these calls and their errors into one line.
+
+Heavy imports stay inside the functions, so `--help`, `status` and `health` never import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .cli_options import PreflightOptions, RunOptions
+from .config.plan import Plan, build_plan, default_config, read_yaml, resolve_output_dir
+from .errors import ApplianceError, ConfigError, StateError, Stopped
+from .policy.progress import format_progress
+from .run.report import RunResult, artifacts, summary_lines
+from .run.signals import Shutdown, ShutdownRequested
+from .state.history import is_finished
+from .state.layout import BadRecord, StateDir, read_record
+from .state.records import Heartbeat, RunState, StatusRecord
+
+Echo = Callable[[str], None]
+
+
+def make_plan(
+    config: Path, overrides: tuple[str, ...], opts: PreflightOptions, cpu_fallback: int | None = None
+) -> tuple[Plan, Any]:
+    """Options -> Plan, with the GPU inventory that decided the process count (None on CPU)."""
+    from .preflight.gate import recorded_inventory, resolve_gpu_plan
+    from .preflight.gpus import read_nvml
+
+    source = recorded_inventory(opts.inventory) if opts.inventory else read_nvml
+    nproc, inventory = resolve_gpu_plan(opts.nproc, source, cpu_fallback)
+    run = opts if isinstance(opts, RunOptions) else RunOptions()
+    plan = build_plan(
+        config,
+        overrides,
+        nproc=nproc,
+        workdir=opts.workdir,
+        retry=run.retry(),
+        timeouts=run.timeouts(),
+        rendezvous=opts.rendezvous(),
+    )
+    return plan, inventory
+
+
+def preflight(plan: Plan, inventory: Any, opts: PreflightOptions, echo: Echo) -> Plan:
+    """Every check; print decisions and warnings once; stop on the first error with its exit code.
+    Writes nothing: the run is not owned yet."""
+    from .preflight.gate import check, raise_on_errors
+
+    result = check(plan, inventory, opts.keep_effective_batch, profile=not opts.no_profile)
+    for p in result.report.problems:
+        if p.severity == "warning":
+            echo(f"[ft] warning: {p.message}")
+    raise_on_errors(result)
+    for note in result.plan.notes:
+        echo(f"[ft] {note}")
+    return result.plan
+
+
+def maybe_init_volume(config: Path) -> None:
+    """`docker run -v data:/data ft-appliance` on an empty volume: lay it out, say what goes where."""
+    from .tools.volume import init_volume, is_unset_up
+
+    root = config.parent.parent
+    if config.exists() or config != default_config() or not is_unset_up(root):
+        return
+    try:
+        created = init_volume(root)
+    except OSError as exc:
+        raise ConfigError(f"{root} is not writable ({exc.strerror}): mount the volume read-write") from None
+    what = f"laid out {', '.join(created)} in {root}; " if created else ""
+    raise ConfigError(
+        f"no config at {config}: {what}copy your model to {root}/models/, your dataset and dataset_info.json "
+        f"to {root}/datasets/, and write {config} (start from {root}/configs/train.example.yaml; "
+        f"see {root}/README.txt), then start again"
+    )
+
+
+def maybe_autotune(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutdown, echo: Echo) -> Plan:
+    """On GPUs with the profile: the largest micro-batch that fits, from short real probes."""
+    if inventory is None or opts.no_profile or opts.no_autotune:
+        return plan
+    from .preflight.gate import cache_dir, world_size
+    from .run.probe import autotune
+
+    gpu = min(inventory.gpus, key=lambda g: g.memory_total_mib)
+    cache = cache_dir() / "autotune.json"
+    updates, notes = autotune(plan, gpu.name, gpu.memory_total_mib * 2**20, world_size(plan), cache, shutdown, echo)
+    for note in notes:
+        echo(f"[ft] {note}")
+    return replace(plan, args={**plan.args, **updates})
+
+
+def train(plan: Plan, inventory: Any, opts: RunOptions, echo: Echo) -> RunResult:
+    """A finished run is reported before anything else runs; then preflight, ownership, supervision."""
+    from .preflight.gate import world_size, write_run_meta
+    from .run.loop import Supervisor
+    from .state import lock
+
+    shutdown = Shutdown()
+    shutdown.install()
+    if is_finished(plan.output_dir):
+        echo(
+            f"[ft] {plan.output_dir} holds a finished run: nothing to do (results kept as they are; "
+            f"to train again, choose a new output_dir)"
+        )
+        return RunResult(RunState.ALREADY_FINISHED, plan.output_dir, artifacts=artifacts(plan.output_dir))
+    plan = preflight(plan, inventory, opts, echo)
+    sd = StateDir(plan.output_dir)
+    try:
+        with lock.own(sd, plan.timeouts.stop_grace_s + 30, lambda m: echo(f"[ft] {m}")):
+            shutdown.check()
+            write_run_meta(plan, world_size(plan))
+            plan = maybe_autotune(plan, inventory, opts, shutdown, echo)
+            shutdown.check()
+            return Supervisor(plan, echo, shutdown).run()
+    except ShutdownRequested as exc:
+        raise Stopped("stopped before training started; start again to train", exc.signum) from None
+
+
+def finish(result: RunResult, json_mode: bool, echo: Echo) -> str | None:
+    """The summary lines; the JSON document for --json (printed by the CLI on stdout)."""
+    for line in summary_lines(result):
+        echo(f"[ft] {line}")
+    return json.dumps(result.to_dict(), default=str) if json_mode else None
+
+
+def status_target(target: Path | None) -> Path:
+    target = target or default_config()
+    return resolve_output_dir(read_yaml(target), Path.cwd()) if target.is_file() else target
+
+
+def status(output_dir: Path, json_mode: bool) -> str:
+    from .state.lock import holder_pid
+
+    sd = StateDir(output_dir)
+    try:
+        st = read_record(sd.status, StatusRecord)
+    except BadRecord as exc:
+        raise StateError(f"{exc}: it is rewritten by the next start; `ft-appliance train` to continue") from None
+    if st is None:
+        raise ConfigError(f"no run state in {output_dir}: it has not been trained by ft-appliance yet")
+    gone = st.state.live and holder_pid(sd.lock) is None
+    if json_mode:
+        return json.dumps({**st.to_dict(), "supervisor_alive": st.state.live and not gone}, indent=1, sort_keys=True)
+    state = st.state.value
+    if gone:
+        state += f" (but its supervisor, pid {st.pid} on {st.host}, is gone: start again to resume)"
+    lines = [f"{state}: {st.output_dir} (restarts {st.restarts}, steps lost {sum(st.steps_lost)})"]
+    if st.progress is not None:
+        lines.append("  " + format_progress(st.progress))
+    return "\n".join(lines)
+
+
+def health(path: str | None, max_age: float) -> str:
+    """The HEALTHCHECK: fresh heartbeat, or a finished/stopped/failed run; anything else raises."""
+    if not path:
+        raise ApplianceError("no heartbeat: FT_HEARTBEAT_FILE is not set")
+    try:
+        beat = read_record(Path(path), Heartbeat)
+    except BadRecord as exc:
+        raise StateError(str(exc)) from None
+    if beat is None:
+        raise ApplianceError(f"no heartbeat in {path} yet")
+    age = time.time() - beat.time
+    if beat.state.live and age > max_age:
+        raise ApplianceError(f"heartbeat is {age:.0f} s old (state {beat.state.value}): the supervisor is stuck")
+    return f"{beat.state.value} step {beat.step} ({age:.0f} s ago)"
+
+
+def check(config: Path, overrides: tuple[str, ...], opts: PreflightOptions) -> tuple[str, int]:
+    """The preflight report (text or JSON) and the exit code of its first error."""
+    from .preflight.checks import exit_code_for
+    from .preflight.gate import check as run_check
+    from .preflight.gate import describe_inventory, report_dict
+
+    plan, inventory = make_plan(config, overrides, opts)
+    result = run_check(plan, inventory, opts.keep_effective_batch, profile=not opts.no_profile)
+    code = exit_code_for(result.report.errors[0]) if result.report.errors else 0
+    if opts.json_mode:
+        return json.dumps(report_dict(result), indent=1), code
+    lines = [
+        f"ft-appliance check: {plan.config_path}",
+        f"  {describe_inventory(inventory)}",
+        f"  processes: {plan.nproc} on this node, world size {result.report.world_size}",
+        *[f"  {note}" for note in result.report.notes],
+        *[f"  {p.severity:<7} {p.check:<20} {p.message}" for p in result.report.problems],
+    ]
+    warnings = sum(p.severity == "warning" for p in result.report.problems)
+    lines.append(f"result: {len(result.report.errors)} error(s), {warnings} warning(s)")
+    return "\n".join(lines), code
+
+
+def soak(directory: Path, config: Path | None, runs: dict[str, int], echo: Echo) -> tuple[list[str], Any]:
+    """The soak's table lines and its report; a failed soak raises after the table is printed."""
+    from .tools.soak import SoakRunner, format_table
+
+    directory = directory.resolve()
+    if config is None:
+        from .tools.demo import build_demo
+
+        config = build_demo(directory, max_steps=runs["max_steps"], save_steps=runs["save_steps"])
+    args = read_yaml(config)
+    if not isinstance(args.get("max_steps"), int) or args["max_steps"] < 5:
+        raise ConfigError(f"{config}: soak needs a fixed max_steps (5 or more) to compare runs")
+    (directory / "soak").mkdir(parents=True, exist_ok=True)
+    runner = SoakRunner(config, directory / "soak", runs["nproc"], runs["seed"], lambda m: echo(f"[soak] {m}"))
+    report = runner.run(runs["kills"], runs["terms"])
+    return format_table(report), report

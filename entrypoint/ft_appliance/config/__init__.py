@@ -1,0 +1,1 @@
+"""YAML + key=value overrides -> Plan (LlamaFactory args + the appliance's own settings)."""

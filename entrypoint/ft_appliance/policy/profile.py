@@ -1,0 +1,129 @@
+"""The default performance profile (pure): the speed settings LlamaFactory leaves off, applied only on
+GPUs and only for keys the user's YAML does not set. `--no-profile` turns it off.
+
+Each choice comes with its reason, logged at start. Measured effects are in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..state.records import BLOCKDIAG_ATTENTION, LORA_ADD_IN_GEMM, LORA_INPUTS
+
+GiB = 2**30
+
+# Activation bytes per token per layer without gradient checkpointing, in units of hidden_size
+# (bf16 LoRA, SDPA, Liger's fused MLP/RMSNorm): calibrated on the Llama-3.1-8B benchmark run
+# (58.4 GiB reserved at 4 x 2048 tokens with 16 GiB of weights).
+ACTIVATION_BYTES_PER_TOKEN_LAYER_H = 42
+MEMORY_TARGET = 0.8
+
+
+@dataclass(frozen=True)
+class GpuFacts:
+    compute_capability: tuple[int, int]
+    memory_bytes: int
+    liger_available: bool
+    flash_attn_available: bool
+    flex_available: bool = False
+    """torch ships FlexAttention (torch.nn.attention.flex_attention, torch >= 2.5)."""
+
+
+@dataclass
+class Profile:
+    updates: dict[str, Any] = field(default_factory=dict)
+    """LlamaFactory keys the profile sets; never one the user's YAML set."""
+    notes: list[str] = field(default_factory=list)
+    tweaks: list[str] = field(default_factory=list)
+    """Changes the worker makes to the loaded model, BLOCKDIAG_ATTENTION, LORA_INPUTS and
+    LORA_ADD_IN_GEMM below; LlamaFactory has no key for them."""
+
+
+def activation_bytes(config: Mapping[str, Any], tokens: int) -> float:
+    h = int(config.get("hidden_size", 0))
+    layers = int(config.get("num_hidden_layers", 0))
+    return float(tokens * layers * h * ACTIVATION_BYTES_PER_TOKEN_LAYER_H)
+
+
+def fits_without_checkpointing(
+    weights_bytes: float, config: Mapping[str, Any], args: Mapping[str, Any], gpu_bytes: int
+) -> tuple[bool, float]:
+    per = int(args.get("per_device_train_batch_size", 8) or 8)
+    cutoff = int(args.get("cutoff_len", 2048) or 2048)
+    need = weights_bytes + activation_bytes(config, per * cutoff)
+    return need <= MEMORY_TARGET * gpu_bytes, need
+
+
+def performance_profile(
+    args: Mapping[str, Any], gpu: GpuFacts, config: Mapping[str, Any] | None, weights_bytes: float | None
+) -> Profile:
+    """Never touches a key the user set."""
+    profile = Profile()
+    updates, notes = profile.updates, profile.notes
+
+    def choose(key: str, value: Any, why: str) -> None:
+        if key in args:
+            notes.append(f"profile: {key} left as the config says ({args[key]!r})")
+            return
+        updates[key] = value
+        notes.append(f"profile: {key}: {value} ({why})")
+
+    if gpu.liger_available:
+        choose(
+            "enable_liger_kernel",
+            True,
+            "fused Triton kernels for RMSNorm, SwiGLU, RoPE and the loss: less memory and time per step",
+        )
+    if args.get("stage", "sft") in ("sft", "pt") and "packing" not in args and "neat_packing" not in args:
+        choose("packing", True, "no compute spent on padding")
+        choose("neat_packing", True, "examples in a pack cannot attend to each other, as without packing")
+    neat = bool(updates.get("neat_packing", args.get("neat_packing")))
+    if gpu.flash_attn_available and gpu.compute_capability >= (8, 0):
+        choose("flash_attn", "fa2", "FlashAttention-2 is installed and the card supports it")
+    elif "flash_attn" in args:
+        notes.append(f"profile: flash_attn left as the config says ({args['flash_attn']!r})")
+    elif neat and gpu.flex_available and gpu.compute_capability >= (8, 0):
+        profile.tweaks.append(BLOCKDIAG_ATTENTION)
+        notes.append(
+            "profile: attention: FlexAttention with a block-sparse mask for neat packing (flash-attn is "
+            "not installed; SDPA would read a dense 4D block-diagonal mask, forward and backward)"
+        )
+    else:
+        notes.append("profile: flash_attn: auto (SDPA; flash-attn is not installed)")
+    if config and weights_bytes is not None and "disable_gradient_checkpointing" not in args:
+        fits, need = fits_without_checkpointing(weights_bytes, config, args, gpu.memory_bytes)
+        if fits:
+            choose(
+                "disable_gradient_checkpointing",
+                True,
+                f"about {need / GiB:.0f} GiB needed without it, within "
+                f"{MEMORY_TARGET:.0%} of {gpu.memory_bytes / GiB:.0f} GiB: no recomputation",
+            )
+        else:
+            notes.append(
+                f"profile: gradient checkpointing kept: about {need / GiB:.0f} GiB needed without it, "
+                f"over {MEMORY_TARGET:.0%} of {gpu.memory_bytes / GiB:.0f} GiB"
+            )
+    # Autocast only: DeepSpeed and FSDP manage the adapter's dtype themselves.
+    autocast = bool(args.get("bf16") or args.get("fp16")) and not args.get("pure_bf16")
+    autocast = autocast and not args.get("deepspeed") and not args.get("fsdp")
+    if args.get("finetuning_type", "lora") == "lora" and autocast:
+        profile.tweaks.append(LORA_INPUTS)
+        notes.append(
+            "profile: LoRA layer inputs stay in the compute dtype (peft casts them to the adapter's fp32 "
+            "and autocast casts them straight back: no value changes, two copies per layer saved)"
+        )
+        profile.tweaks.append(LORA_ADD_IN_GEMM)
+        notes.append(
+            "profile: LoRA output added inside its second matmul (peft scales and adds it in two more "
+            "passes over each layer's output, and a third in backward)"
+        )
+    choose(
+        "logging_nan_inf_filter",
+        False,
+        "its NaN check reads every micro-batch's loss on the CPU, stalling the GPU queue each time; it "
+        "only changes what the log shows",
+    )
+    return profile

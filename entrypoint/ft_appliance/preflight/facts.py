@@ -1,0 +1,175 @@
+"""Read the facts preflight judges: the container's limits, the output volume, the model and the
+datasets on disk. Only reading here; the judgement is in preflight.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class EnvFacts:
+    shm_bytes: int | None
+    memlock_soft: int | None
+    """RLIMIT_MEMLOCK soft limit in bytes; -1 for unlimited."""
+    stack_soft: int | None
+    output_dir: Path
+    output_free_bytes: int | None
+    output_writable: bool
+    output_error: str | None = None
+    hub_offline: bool = True
+    uid: int = 0
+    """The user the appliance runs as (the owner the volume needs)."""
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    name: str
+    path: Path | None
+    """Local directory, or None when name is not a local path (a hub id)."""
+    config: dict[str, Any] | None = None
+    weight_files: tuple[str, ...] = ()
+    tokenizer_files: tuple[str, ...] = ()
+    vocab: frozenset[str] | None = None
+    """Every token string the tokenizer knows (from tokenizer.json), or None when unreadable."""
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class DatasetFacts:
+    dataset_dir: Path
+    info: dict[str, Any] | None
+    info_error: str | None = None
+    files: dict[str, str | None] = field(default_factory=dict)
+    """dataset name -> problem with its file(s), or None when readable."""
+
+
+def _limit(which: int) -> int | None:
+    try:
+        soft, _hard = resource.getrlimit(which)
+    except (ValueError, OSError):
+        return None
+    return -1 if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def _existing_parent(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def read_env(output_dir: Path, environ: Mapping[str, str] | None = None) -> EnvFacts:
+    environ = os.environ if environ is None else environ
+    try:
+        st = os.statvfs("/dev/shm")
+        shm: int | None = st.f_frsize * st.f_blocks
+    except OSError:
+        shm = None
+    base = _existing_parent(output_dir)
+    free = None
+    writable, error = True, None
+    try:
+        free = shutil.disk_usage(base).free
+    except OSError as exc:
+        error = str(exc)
+    try:
+        with tempfile.NamedTemporaryFile(dir=base, prefix=".ft-write-probe-"):
+            pass
+    except OSError as exc:
+        writable, error = False, f"{type(exc).__name__}: {exc.strerror or exc}"
+    offline = environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or environ.get("FT_OFFLINE") == "1"
+    return EnvFacts(
+        shm,
+        _limit(resource.RLIMIT_MEMLOCK),
+        _limit(resource.RLIMIT_STACK),
+        output_dir,
+        free,
+        writable,
+        error,
+        offline,
+        os.getuid(),
+    )
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def _vocab_of(tokenizer_json: Path) -> frozenset[str] | None:
+    try:
+        data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    vocab = data.get("model", {}).get("vocab")
+    tokens: set[str] = set()
+    if isinstance(vocab, dict):
+        tokens.update(vocab)
+    elif isinstance(vocab, list):  # unigram: [[piece, score], ...]
+        tokens.update(v[0] for v in vocab if isinstance(v, list) and v)
+    tokens.update(t.get("content", "") for t in data.get("added_tokens", []) if isinstance(t, dict))
+    return frozenset(tokens)
+
+
+def read_model(name: str, workdir: Path) -> ModelFacts:
+    path = Path(name)
+    if not path.is_absolute():
+        path = workdir / path
+    looks_local = name.startswith(("/", "./", "../")) or path.exists()
+    if not looks_local:
+        return ModelFacts(name, None)
+    if not path.is_dir():
+        return ModelFacts(name, path, error="does not exist" if not path.exists() else "is not a directory")
+    files = {p.name for p in path.iterdir() if p.is_file()}
+    config = None
+    if "config.json" in files:
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:
+            return ModelFacts(name, path, error=f"config.json is unreadable ({type(exc).__name__})")
+    weights = tuple(sorted(f for f in files if f.endswith(WEIGHT_SUFFIXES) and not f.startswith("training_args")))
+    tok = tuple(sorted(f for f in files if f in TOKENIZER_FILES))
+    vocab = _vocab_of(path / "tokenizer.json") if "tokenizer.json" in files else None
+    return ModelFacts(name, path, config, weights, tok, vocab)
+
+
+def read_datasets(names: list[str], dataset_dir: Path) -> DatasetFacts:
+    info_path = dataset_dir / "dataset_info.json"
+    if not dataset_dir.is_dir():
+        return DatasetFacts(dataset_dir, None, "does not exist")
+    try:
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return DatasetFacts(dataset_dir, None, "has no dataset_info.json")
+    except (OSError, ValueError) as exc:
+        return DatasetFacts(dataset_dir, None, f"dataset_info.json is unreadable ({type(exc).__name__}: {exc})")
+    if not isinstance(info, dict):
+        return DatasetFacts(dataset_dir, None, "dataset_info.json is not a mapping of dataset names")
+    files: dict[str, str | None] = {}
+    for name in names:
+        entry = info.get(name)
+        if not isinstance(entry, dict):
+            continue
+        if "file_name" not in entry:
+            files[name] = (
+                None if any(k in entry for k in ("hf_hub_url", "ms_hub_url", "om_hub_url")) else ("has no file_name")
+            )
+            continue
+        target = dataset_dir / entry["file_name"]
+        if not target.exists():
+            files[name] = f"file {target} does not exist"
+        elif target.is_file() and not os.access(target, os.R_OK):
+            files[name] = f"file {target} is not readable"
+        elif target.is_file() and target.stat().st_size == 0:
+            files[name] = f"file {target} is empty"
+        else:
+            files[name] = None
+    return DatasetFacts(dataset_dir, info, None, files)

@@ -1,0 +1,252 @@
+"""Everything checked before a training process starts: read the facts, judge them (schema.py and
+preflight.py), and fold the policy decisions into the Plan.
+
+The GPU inventory comes from an InventorySource (NVML by default), so a recorded inventory of
+another machine can be judged as well ("would this config fit on that box?").
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..config.plan import Plan
+from ..errors import PreflightError
+from ..state import files
+from ..state.layout import StateDir, read_record_or_none, write_record
+from ..state.records import RunMeta
+from .checks import SPECIAL_TOKEN_RE, Report, dataset_names, exit_code_for, run_checks
+from .facts import read_datasets, read_env, read_model
+from .gpus import Inventory, InventorySource, inventory_from_dict
+from .schema import ArgSpec, check_args, load_schema
+
+
+@dataclass
+class GateResult:
+    plan: Plan
+    report: Report
+    inventory: Inventory | None
+    """None for a CPU run."""
+
+
+def recorded_inventory(path: Path) -> InventorySource:
+    def source() -> Inventory:
+        return inventory_from_dict(json.loads(path.read_text()))
+
+    return source
+
+
+def _cache_file() -> Path | None:
+    """Where LlamaFactory's schema is cached, keyed by the installed versions: reading it from the
+    dataclasses imports torch and transformers, seconds on every start."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        key = f"llamafactory-{version('llamafactory')}-transformers-{version('transformers')}"
+    except PackageNotFoundError:
+        return None
+    return cache_dir() / f"schema-{key}.json"
+
+
+def cache_dir() -> Path:
+    """The appliance's caches (schema, autotune): FT_CACHE_DIR, else under HF_HOME (on the volume in
+    the image), else ~/.cache/ft-appliance."""
+    import os
+
+    if os.environ.get("FT_CACHE_DIR"):
+        return Path(os.environ["FT_CACHE_DIR"])
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]) / "ft-appliance"
+    return Path.home() / ".cache" / "ft-appliance"
+
+
+def schema_and_templates() -> tuple[dict[str, ArgSpec], dict[str, set[str]]]:
+    path = _cache_file()
+    data = files.read_json(path) if path else None
+    if isinstance(data, dict) and "schema" in data and "templates" in data:
+        schema = {k: ArgSpec(k, frozenset(v["kinds"]), tuple(v["choices"])) for k, v in data["schema"].items()}
+        return schema, {k: set(v) for k, v in data["templates"].items()}
+    schema, templates = load_schema(), template_tokens()
+    if path is not None:
+        try:
+            files.write_json(
+                path,
+                {
+                    "schema": {k: {"kinds": sorted(v.kinds), "choices": list(v.choices)} for k, v in schema.items()},
+                    "templates": {k: sorted(v) for k, v in templates.items()},
+                },
+            )
+        except OSError:
+            pass  # a read-only home only costs the import next time
+    return schema, templates
+
+
+def template_tokens() -> dict[str, set[str]]:
+    """Template name -> the special tokens its slots and stop words use (LlamaFactory's registry)."""
+    from llamafactory.data.template import TEMPLATES
+
+    out: dict[str, set[str]] = {}
+    for name, tpl in TEMPLATES.items():
+        texts: list[str] = list(getattr(tpl, "stop_words", []) or [])
+        for attr in ("format_user", "format_assistant", "format_system", "format_observation", "format_prefix"):
+            fmt = getattr(tpl, attr, None)
+            for slot in getattr(fmt, "slots", []) or []:
+                if isinstance(slot, str):
+                    texts.append(slot)
+        out[name] = {m.group(0) for t in texts for m in SPECIAL_TOKEN_RE.finditer(t)}
+    return out
+
+
+def read_run_meta(output_dir: Path) -> RunMeta | None:
+    return read_record_or_none(StateDir(output_dir).run_meta, RunMeta)
+
+
+def write_run_meta(plan: Plan, world: int) -> None:
+    """What the run started with, once (later starts compare against the first)."""
+    path = StateDir(plan.output_dir).run_meta
+    if path.exists():
+        return
+    a = plan.args
+    ds = a.get("deepspeed")
+    per = int(a.get("per_device_train_batch_size", 8) or 8)
+    ga = int(a.get("gradient_accumulation_steps", 1) or 1)
+    write_record(path, RunMeta(world, per, ga, str(ds) if ds else None))
+
+
+def world_size(plan: Plan) -> int:
+    nodes = plan.rendezvous.nnodes
+    n = int(nodes) if re.fullmatch(r"\d+", nodes) else int(nodes.split(":")[-1] or 1)
+    return plan.nproc * n
+
+
+def resolve_gpu_plan(
+    nproc: int | None, source: InventorySource, cpu_fallback: int | None = None
+) -> tuple[int, Inventory | None]:
+    """Process count and inventory: every visible GPU unless --nproc; --nproc without GPUs is a CPU
+    run, and so is a command with a CPU fallback (the demo) on a machine without GPUs."""
+    inv = source()
+    if inv.count == 0:
+        nproc = nproc or cpu_fallback
+        if nproc is None:
+            raise PreflightError(
+                "no GPU visible: run the container with --gpus all (docker) or a GPU reservation (compose); "
+                "to train on CPU pass --nproc N, or try `ft-appliance demo`"
+            )
+        return nproc, None
+    return (nproc or inv.count), inv
+
+
+def check(
+    plan: Plan, inventory: Inventory | None, keep_effective_batch: bool = False, profile: bool = True
+) -> GateResult:
+    args = plan.args
+    schema, templates = schema_and_templates()
+    report_problems = check_args(args, schema, str(plan.config_path))
+    model = read_model(str(args.get("model_name_or_path", "")), plan.workdir)
+    data_dir = Path(str(args.get("dataset_dir", "data")))
+    if not data_dir.is_absolute():
+        data_dir = plan.workdir / data_dir
+    names = dataset_names(args)
+    data = read_datasets(names, data_dir) if names else None
+    ds = args.get("deepspeed")
+    ds_exists = None
+    if isinstance(ds, str):
+        ds_path = Path(ds) if Path(ds).is_absolute() else plan.workdir / ds
+        ds_exists = ds_path.is_file()
+    world = world_size(plan)
+    report = run_checks(
+        args,
+        inventory=inventory,
+        nproc=plan.nproc,
+        world=world,
+        env=read_env(plan.output_dir),
+        model=model,
+        data=data,
+        templates=templates,
+        previous=read_run_meta(plan.output_dir),
+        keep_effective_batch=keep_effective_batch,
+        deepspeed_exists=ds_exists,
+    )
+    report.problems[:0] = report_problems
+    if args.get("enable_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
+        report.add(
+            "config.liger",
+            "enable_liger_kernel needs liger-kernel, which is not installed here (the GPU "
+            "image has it): remove enable_liger_kernel or run on the GPU image",
+        )
+    tweaks: tuple[str, ...] = ()
+    if profile and inventory is not None and inventory.count and not report.errors:
+        tweaks = apply_profile(report, {**args, **report.updates}, inventory, model.config, world)
+    new_plan = replace(plan, args={**plan.args, **report.updates}, notes=(*plan.notes, *report.notes), tweaks=tweaks)
+    return GateResult(new_plan, report, inventory)
+
+
+def apply_profile(
+    report: Report, args: dict[str, Any], inventory: Inventory, config: dict[str, Any] | None, world: int
+) -> tuple[str, ...]:
+    """Adds the profile's updates and notes to the report; returns the worker's tweaks."""
+    from ..policy.profile import GpuFacts, performance_profile
+    from .checks import estimate_gpu_bytes, estimate_params
+
+    gpu = GpuFacts(
+        compute_capability=min(g.compute_capability for g in inventory.gpus),
+        memory_bytes=min(g.memory_total_mib for g in inventory.gpus) * 2**20,
+        liger_available=importlib.util.find_spec("liger_kernel") is not None,
+        flash_attn_available=importlib.util.find_spec("flash_attn") is not None,
+        flex_available=_torch_has("nn/attention/flex_attention"),
+    )
+    params = estimate_params(config) if config else None
+    weights = estimate_gpu_bytes(params, args, world)[0] if params else None
+    chosen = performance_profile(args, gpu, config, weights)
+    report.updates.update(chosen.updates)
+    report.notes.extend(chosen.notes)
+    return tuple(chosen.tweaks)
+
+
+def _torch_has(module: str) -> bool:
+    """Looks for one of torch's modules without importing torch (seconds) in the launcher."""
+    spec = importlib.util.find_spec("torch")
+    return bool(spec and spec.origin and (Path(spec.origin).parent / f"{module}.py").is_file())
+
+
+def raise_on_errors(result: GateResult) -> None:
+    errors = result.report.errors
+    if not errors:
+        return
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more: run `ft-appliance check`)" if len(errors) > 1 else ""
+    raise PreflightError(first.message + more, exit_code_for(first))
+
+
+def describe_inventory(inv: Inventory | None) -> str:
+    if inv is None:
+        return "GPUs: none used (CPU run)"
+    if inv.count == 0:
+        return f"GPUs: none visible ({inv.error or 'no NVIDIA driver'})"
+    kinds: dict[str, int] = {}
+    for g in inv.gpus:
+        key = f"{g.name} ({g.memory_total_mib / 1024:.0f} GiB, cc {g.compute_capability[0]}.{g.compute_capability[1]})"
+        kinds[key] = kinds.get(key, 0) + 1
+    gpus = ", ".join(f"{n} x {k}" for k, n in kinds.items())
+    return f"GPUs: {gpus}; driver {inv.driver_version} (CUDA {inv.driver_cuda}); torch CUDA {inv.torch_cuda}"
+
+
+def report_dict(result: GateResult) -> dict[str, Any]:
+    errors = result.report.errors
+    return {
+        "config": str(result.plan.config_path),
+        "ok": not errors,
+        "exit_code": exit_code_for(errors[0]) if errors else 0,
+        "inventory": result.inventory.to_dict() if result.inventory else None,
+        "nproc": result.plan.nproc,
+        "world_size": result.report.world_size,
+        "effective_batch": result.report.effective_batch,
+        "decisions": result.report.notes,
+        "tweaks": list(result.plan.tweaks),
+        "updates": result.report.updates,
+        "problems": [p.to_dict() for p in result.report.problems],
+    }

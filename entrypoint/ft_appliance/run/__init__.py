@@ -1,0 +1,1 @@
+"""Own and supervise a run: torchrun command, process tree, attempts, watchdog, status, retries."""

@@ -1,0 +1,177 @@
+"""One attempt: set aside torn checkpoints, resume explicitly from the newest complete one, launch
+(or hand the run file to the spare), watch it (progress, beats, hang watchdog, operator stop), and
+read back how it ended from the workers' records.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+from ..config.plan import Plan
+from ..policy.checkpoints import Candidate, choose_resume, to_set_aside
+from ..policy.progress import format_progress
+from ..policy.watch import Limits, decide
+from ..state import checkpoints
+from ..state.layout import BadRecord, StateDir, append_record, read_record, read_record_or_none, write_record
+from ..state.records import (
+    AttemptOutcome,
+    BeatRecord,
+    Completion,
+    Event,
+    GoFile,
+    LaunchRecord,
+    RunFile,
+    RunState,
+    StopRecord,
+    WorkerFailure,
+)
+from .command import build_launch
+from .process import TrainingProcess, free_port
+from .signals import Shutdown
+from .spare import WarmPool
+from .status import StatusWriter
+
+PROGRESS_LINE_EVERY_S = 30.0
+
+
+@dataclass
+class Attempt:
+    plan: Plan
+    sd: StateDir
+    number: int
+    status: StatusWriter
+    pool: WarmPool
+    shutdown: Shutdown
+    echo: Callable[[str], None]
+    env: Mapping[str, str]
+
+    def say(self, msg: str) -> None:
+        self.echo(f"[ft] {msg}")
+
+    def run(self) -> AttemptOutcome:
+        chosen = self.choose_checkpoint()
+        start_step = chosen.step if chosen is not None else 0
+        self.sd.stopped.unlink(missing_ok=True)
+        proc = self.launch(chosen)
+        try:
+            hung, stop_sig = self.monitor(proc)
+        finally:
+            proc.close()
+        return self.outcome(proc.returncode, start_step, hung, stop_sig)
+
+    def choose_checkpoint(self) -> Candidate | None:
+        out = self.plan.output_dir
+        found = checkpoints.scan(out)
+        for bad in to_set_aside(found):
+            moved = checkpoints.set_aside(bad, out)
+            self.say(f"set aside {bad.path.name}: {bad.reason} -> {moved.relative_to(out)}")
+        chosen = choose_resume(found)
+        if chosen is not None:
+            self.say(f"attempt {self.number}: resuming from {chosen.path.name} (step {chosen.step})")
+        else:
+            self.say(f"attempt {self.number}: starting from step 0")
+        return chosen
+
+    def launch(self, chosen: Candidate | None) -> TrainingProcess:
+        args = dict(self.plan.args)
+        if chosen is not None:
+            args["resume_from_checkpoint"] = str(chosen.path)
+        run_file = self.sd.run_file(self.number)
+        write_record(run_file, RunFile(args, str(self.sd.root), self.number, list(self.plan.tweaks)))
+        self.status.attempt = self.number
+        spare = self.pool.take()
+        if spare is not None:
+            argv, proc = spare.argv, spare.proc
+            proc.adopt(self.sd.output_log(self.number), self.echo)
+            write_record(spare.go_file, GoFile(str(run_file)))
+            self.say("launch: on the spare workers, importing since the last attempt: " + " ".join(argv))
+        else:
+            log = self.sd.output_log(self.number)
+            spec = build_launch(self.plan, run_file, log, free_port(), self.env, os.getpid())
+            argv, proc = spec.argv, TrainingProcess(spec, self.echo)
+            self.say("launch: " + " ".join(argv))
+        cwd = str(self.plan.workdir)
+        write_record(self.sd.launch_file(self.number), LaunchRecord(argv, cwd, str(spare.go_file) if spare else None))
+        append_record(self.sd.events, Event("launch", self.number, time.time(), {"spare": spare is not None}))
+        self.status.write(RunState.TRAINING, resumed_from=chosen.step if chosen else 0)
+        return proc
+
+    def monitor(self, proc: TrainingProcess) -> tuple[bool, int]:
+        """Wait for the attempt to end; returns (hung, stop signal or 0)."""
+        t = self.plan.timeouts
+        limits = Limits(t.hang_s, t.startup_s)
+        launched = last_progress = time.monotonic()
+        last_step: int | None = None
+        beat_seq: int | None = None
+        last_line = 0.0
+        while proc.poll() is None:
+            if self.shutdown.requested:
+                self.say(
+                    f"stop requested (signal {self.shutdown.signum}): saving a checkpoint, up to {t.stop_grace_s:.0f} s"
+                )
+                self.status.write(RunState.STOPPING)
+                proc.stop(t.stop_grace_s, signal.SIGTERM)
+                return False, self.shutdown.signum
+            now = time.monotonic()
+            _, new_logs = self.status.refresh()
+            step = self.status.last_step_of(self.number)
+            if step is not None and step != last_step:
+                last_step, last_progress = step, now
+                self.pool.maybe_start(self.number)  # after the first step: its imports do not slow this start
+            beat = read_record_or_none(self.sd.beat_file(self.number), BeatRecord)
+            if beat is not None and beat.seq != beat_seq:
+                beat_seq, last_progress = beat.seq, now
+            watch = decide(now, launched, last_progress, last_step is not None, limits)
+            if watch.hung:
+                self.say(
+                    f"hang: no progress for {watch.waited_s:.0f} s waiting for {watch.waiting_for} "
+                    f"(limit {watch.limit_s:.0f} s); killing the training processes"
+                )
+                proc.kill_tree()
+                return True, 0
+            if last_step is not None and (new_logs or now - last_line > PROGRESS_LINE_EVERY_S):
+                last_line = now
+                self._progress_line()
+            self.status.heartbeat()
+            self.shutdown.wait(0.5)
+        self.status.refresh()
+        return False, 0
+
+    def _progress_line(self) -> None:
+        p = self.status.progress()
+        if p is not None:
+            self.say(format_progress(p))
+            self.status.write(RunState.TRAINING)
+
+    def outcome(self, rc: int | None, start_step: int, hung: bool, stop_sig: int) -> AttemptOutcome:
+        failures = sorted(self._failures(), key=lambda f: f.time)
+        stopped = read_record_or_none(self.sd.stopped, StopRecord)
+        completed = read_record_or_none(self.sd.completed, Completion)
+        return AttemptOutcome(
+            attempt=self.number,
+            exit_code=rc if rc is not None else -1,
+            start_step=start_step,
+            last_step=self.status.last_step_of(self.number),
+            failure=failures[0] if failures else None,
+            hung=hung,
+            stop_requested=bool(stop_sig),
+            stopped_cleanly=bool(stopped and stopped.attempt == self.number and stopped.checkpoint),
+            completed=bool(completed and completed.attempt == self.number),
+        )
+
+    def _failures(self) -> list[WorkerFailure]:
+        found = []
+        for path in self.sd.failure_files(self.number):
+            try:
+                rec = read_record(path, WorkerFailure)
+            except BadRecord as exc:
+                # A rank killed while writing it: the failure is unknown, so it is retried (bounded).
+                self.say(f"warning: {exc}; treating the failure as unknown")
+                rec = WorkerFailure("UnknownFailure", str(exc), "setup", time=path.stat().st_mtime)
+            if rec is not None:
+                found.append(rec)
+        return found

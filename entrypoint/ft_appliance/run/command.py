@@ -1,0 +1,94 @@
+"""Pure: a Plan and an attempt number in, the torchrun command to run out.
+
+torchrun is started directly (`python -m torch.distributed.run`), not through `llamafactory-cli`,
+which re-splits its command line, turns every failure into exit code 1 and forwards no signal.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config.plan import Plan, Rendezvous
+
+WORKER_MODULE = "ft_appliance.worker"
+# Tests swap in a small fake worker that speaks the same state protocol (tests/fakes/worker.py).
+WORKER_MODULE_ENV = "FT_WORKER_MODULE"
+
+# What `llamafactory-cli train` sets for distributed runs (its OPTIM_TORCH default), so that a run
+# through the appliance is as fast as one through the CLI. The user's environment wins.
+DEFAULT_ENV = {
+    "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",
+    "TORCH_NCCL_AVOID_RECORD_STREAMS": "1",
+    "PYTHONUNBUFFERED": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    log_path: Path
+    """Where torchrun's output goes (attempts/N/output.log, or the spare's folder until adopted)."""
+
+
+def torchrun_argv(
+    nproc: int,
+    rendezvous: Rendezvous,
+    master_port: int,
+    worker_args: list[str],
+    python: str = sys.executable,
+    worker_module: str = WORKER_MODULE,
+) -> list[str]:
+    argv = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    if rendezvous.endpoint:
+        # Multi-node: every node starts the same image; c10d rendezvous assigns ranks.
+        argv += [
+            "--nnodes",
+            rendezvous.nnodes,
+            "--rdzv-backend",
+            "c10d",
+            "--rdzv-endpoint",
+            rendezvous.endpoint,
+            "--rdzv-id",
+            rendezvous.run_id,
+        ]
+    else:
+        # Single node: loopback rendezvous. A bare torchrun looks itself up by hostname, which
+        # times out in containers without a network.
+        argv += ["--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", str(master_port)]
+    # Restarts are the supervisor's job: it picks a trusted checkpoint before each relaunch.
+    argv += ["--max-restarts", "0", "-m", worker_module, *worker_args]
+    return argv
+
+
+def _env(base_env: Mapping[str, str], supervisor_pid: int) -> dict[str, str]:
+    # The workers watch their supervisor too (besides the death signal through torchrun).
+    return {**DEFAULT_ENV, **base_env, "FT_SUPERVISOR_PID": str(supervisor_pid)}
+
+
+def build_launch(
+    plan: Plan, run_file: Path, log_path: Path, master_port: int, base_env: Mapping[str, str], supervisor_pid: int
+) -> LaunchSpec:
+    module = base_env.get(WORKER_MODULE_ENV) or WORKER_MODULE
+    argv = torchrun_argv(plan.nproc, plan.rendezvous, master_port, [str(run_file)], worker_module=module)
+    return LaunchSpec(argv=argv, env=_env(base_env, supervisor_pid), cwd=plan.workdir, log_path=log_path)
+
+
+def spare_allowed(plan: Plan) -> bool:
+    """A spare needs a restart to serve and a rendezvous of its own: single node only, since the
+    nodes of a multi-node job restart together through their shared rendezvous."""
+    return plan.retry.spare and plan.retry.max_restarts > 0 and not plan.rendezvous.endpoint
+
+
+def build_spare(
+    plan: Plan, go_file: Path, log_path: Path, master_port: int, base_env: Mapping[str, str], supervisor_pid: int
+) -> LaunchSpec:
+    """A torchrun whose workers import the stack and wait for go_file, to become the next attempt."""
+    module = base_env.get(WORKER_MODULE_ENV) or WORKER_MODULE
+    argv = torchrun_argv(plan.nproc, plan.rendezvous, master_port, ["--spare", str(go_file)], worker_module=module)
+    return LaunchSpec(argv=argv, env=_env(base_env, supervisor_pid), cwd=plan.workdir, log_path=log_path)

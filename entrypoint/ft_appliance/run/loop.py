@@ -1,0 +1,139 @@
+"""The supervise loop: attempt after attempt (attempt.py), each classified by policy/restarts.py, retried
+with exponential backoff (tenacity) within max_restarts and the crash-loop guard.
+
+The caller owns the run (state/lock.py) before it builds a Supervisor: nothing here checks for a
+second supervisor, since none can exist.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from ..config.plan import Plan
+from ..errors import CrashLoop, RetriesExhausted, Stopped, TrainingFailed
+from ..policy.restarts import RESOURCE_ERRORS, Verdict, classify
+from ..state.history import earlier_outcomes, is_finished
+from ..state.layout import StateDir, write_record
+from ..state.records import AttemptOutcome, RunState
+from .attempt import Attempt
+from .report import RunResult, artifacts, describe
+from .signals import Shutdown, ShutdownRequested
+from .spare import WarmPool
+from .status import StatusWriter
+
+Echo = Callable[[str], None]
+
+
+class AttemptFailed(Exception):
+    def __init__(self, outcome: AttemptOutcome, verdict: Verdict) -> None:
+        super().__init__(f"attempt {outcome.attempt}: {verdict.value}")
+        self.outcome = outcome
+        self.verdict = verdict
+
+
+class Supervisor:
+    def __init__(self, plan: Plan, echo: Echo, shutdown: Shutdown, env: Mapping[str, str] | None = None) -> None:
+        self.plan = plan
+        self.echo = echo
+        self.shutdown = shutdown
+        self.env = dict(os.environ if env is None else env)
+        self.sd = StateDir(plan.output_dir)
+        self.status = StatusWriter(self.sd, self.env, echo)
+        self.pool = WarmPool(plan, self.sd, self.env, self.say)
+        self.history: list[AttemptOutcome] = []
+
+    def say(self, msg: str) -> None:
+        self.echo(f"[ft] {msg}")
+
+    def run(self) -> RunResult:
+        self.sd.root.mkdir(parents=True, exist_ok=True)
+        self.status.refresh()  # the run's history so far, read once; later polls read only what is new
+        retry = self.plan.retry
+        retrying = Retrying(
+            stop=stop_after_attempt(retry.max_restarts + 1),
+            wait=wait_exponential(multiplier=retry.backoff_s, max=retry.backoff_max_s),
+            retry=retry_if_exception(lambda e: isinstance(e, AttemptFailed) and e.verdict is Verdict.RETRY),
+            before_sleep=self._before_restart,
+            sleep=self.shutdown.sleep,
+            reraise=True,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    self.attempt_once()
+        except AttemptFailed as exc:
+            self.status.write(RunState.FAILED, verdict=exc.verdict.value)
+            raise self.failure_error(exc) from None
+        except ShutdownRequested as exc:
+            self.status.write(RunState.STOPPED)
+            raise Stopped("stopped during a restart wait; start again to resume", exc.signum) from None
+        finally:
+            self.pool.close()
+        return self.finished()
+
+    def finished(self) -> RunResult:
+        self.status.refresh()
+        p = self.status.progress()
+        self.status.write(RunState.FINISHED)
+        restarts, lost = self.status.restarts()
+        out = self.plan.output_dir
+        step, max_steps = (p.step, p.max_steps) if p else (0, 0)
+        return RunResult(RunState.FINISHED, out, step, max_steps, restarts, lost, p, artifacts(out), self.history)
+
+    def attempt_once(self) -> None:
+        if self.history and is_finished(self.plan.output_dir):
+            return  # never relaunch a finished run: it would train past the end and overwrite results
+        number = self.sd.new_attempt()
+        outcome = Attempt(self.plan, self.sd, number, self.status, self.pool, self.shutdown, self.echo, self.env).run()
+        earlier = [o for o in earlier_outcomes(self.sd) if o.attempt < outcome.attempt]
+        verdict = classify(outcome, earlier, self.plan.retry.crash_loop_limit)
+        outcome = replace(outcome, verdict=verdict.value)
+        self.history.append(outcome)
+        write_record(self.sd.outcome_file(number), outcome)
+        if verdict is Verdict.SUCCESS:
+            return
+        if verdict is Verdict.STOPPED:
+            self.status.write(RunState.STOPPED)
+            where = (
+                f"after saving checkpoint-{outcome.last_step}"
+                if outcome.stopped_cleanly
+                else "before a checkpoint could be saved; the next start resumes from the last one"
+            )
+            raise Stopped(f"stopped {where}; start again to resume", self.shutdown.signum)
+        raise AttemptFailed(outcome, verdict)
+
+    def _before_restart(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        wait = state.next_action.sleep if state.next_action else 0
+        if isinstance(exc, AttemptFailed):
+            self.say(
+                f"attempt {exc.outcome.attempt} failed ({describe(exc.outcome)}); "
+                f"restart {state.attempt_number}/{self.plan.retry.max_restarts} in {wait:.0f} s"
+            )
+        self.status.write(RunState.RESTARTING, next_restart_in_s=wait)
+
+    def failure_error(self, exc: AttemptFailed) -> Exception:
+        o = exc.outcome
+        log = self.sd.output_log(o.attempt)
+        if exc.verdict is Verdict.FATAL:
+            hint = (
+                " (out of GPU memory: lower per_device_train_batch_size or cutoff_len, or use ZeRO-3/QLoRA)"
+                if o.failure and o.failure.is_a(RESOURCE_ERRORS)
+                else ""
+            )
+            return TrainingFailed(
+                f"training failed: {describe(o)}{hint}; not retried, since the same "
+                f"inputs fail the same way (log: {log})"
+            )
+        if exc.verdict is Verdict.CRASH_LOOP:
+            return CrashLoop(
+                f"crash loop: {self.plan.retry.crash_loop_limit} attempts in a row failed at "
+                f"step {o.start_step} without progress ({describe(o)}); stopped retrying (log: {log})"
+            )
+        return RetriesExhausted(
+            f"training failed {len(self.history)} times, restarts used up (last: {describe(o)}; log: {log})"
+        )

@@ -1,0 +1,97 @@
+"""The supervisor's view of its run: progress read incrementally from the workers' records,
+status.json for `status` and the soak, and the container's heartbeat for the HEALTHCHECK.
+
+Every write here is guarded: a full or failing volume is reported once and training carries on (the
+workers' own save reports the real failure), instead of a status file killing the supervisor.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..policy.progress import ProgressTracker, restart_history
+from ..state.checkpoints import step_of
+from ..state.files import JsonlTail
+from ..state.layout import StateDir, parse_records, read_record_or_none, write_record
+from ..state.records import Heartbeat, LogRecord, Progress, Record, RunFile, RunState, StatusRecord, StepRecord
+
+HEARTBEAT_EVERY_S = 5.0
+
+
+class StatusWriter:
+    def __init__(self, sd: StateDir, env: Mapping[str, str], echo: Callable[[str], None]) -> None:
+        self.sd = sd
+        self.echo = echo
+        beat = env.get("FT_HEARTBEAT_FILE")
+        self.heartbeat_path = Path(beat) if beat else None
+        self.tracker = ProgressTracker()
+        self._steps = JsonlTail(sd.steps)
+        self._logs = JsonlTail(sd.log)
+        self._resumed: dict[int, int] = {}
+        self.state = RunState.STARTING
+        self.attempt: int | None = None
+        self._beat_at = 0.0
+        self._failed_writes: set[str] = set()
+
+    def refresh(self) -> tuple[int, int]:
+        """Read what the workers appended since the last call: (new step records, new log records)."""
+        steps = parse_records(self._steps.read_new(), StepRecord)
+        logs = parse_records(self._logs.read_new(), LogRecord)
+        self.tracker.add_steps(steps)
+        self.tracker.add_logs(logs)
+        return len(steps), len(logs)
+
+    def progress(self) -> Progress | None:
+        return self.tracker.progress()
+
+    def last_step_of(self, attempt: int) -> int | None:
+        return self.tracker.last_step_by_attempt.get(attempt)
+
+    def restarts(self) -> tuple[int, list[int]]:
+        """From the files, so that a restart by a new container counts like one of this supervisor's."""
+        attempts = self.sd.attempt_numbers()
+        for n in attempts:
+            if n not in self._resumed:
+                run = read_record_or_none(self.sd.run_file(n), RunFile)
+                if run is not None:  # an attempt still choosing its checkpoint is asked again later
+                    self._resumed[n] = step_of(run.resume_from) or 0
+        return restart_history(attempts, self.tracker.last_step_by_attempt, self._resumed)
+
+    def write(self, state: RunState, **extra: Any) -> None:
+        self.state = state
+        restarts, lost = self.restarts()
+        record = StatusRecord(
+            state=state,
+            output_dir=str(self.sd.output_dir),
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            attempt=self.attempt,
+            restarts=restarts,
+            steps_lost=lost,
+            progress=self.progress(),
+            updated=time.time(),
+            **extra,
+        )
+        self._guarded(self.sd.status, record)
+        self.heartbeat(force=True)
+
+    def heartbeat(self, force: bool = False) -> None:
+        now = time.time()
+        if self.heartbeat_path is None or (not force and now - self._beat_at < HEARTBEAT_EVERY_S):
+            return
+        self._beat_at = now
+        step = self.tracker.step
+        self._guarded(self.heartbeat_path, Heartbeat(self.state, now, step, str(self.sd.output_dir), os.getpid()))
+
+    def _guarded(self, path: Path, record: Record) -> None:
+        try:
+            write_record(path, record)
+        except OSError as exc:
+            if path.name not in self._failed_writes:
+                self._failed_writes.add(path.name)
+                self.echo(f"[ft] warning: cannot write {path} ({exc.strerror or exc}); training carries on")

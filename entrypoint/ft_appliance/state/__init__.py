@@ -1,0 +1,1 @@
+"""The on-disk protocol shared by supervisor and workers: layout, typed records, files, locks."""

@@ -1,0 +1,246 @@
+"""Crash-resume soak: random SIGKILLs of the whole tree (some during checkpoint saves) and SIGTERMs
+against one run, then a comparison with an uninterrupted run of the same config and seed.
+
+It drives `ft-appliance train` as separate processes, exactly as a container restart would, and
+checks after every event that the next start chose the newest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..policy.checkpoints import choose_resume, to_set_aside
+from ..state import checkpoints
+from ..state.files import last_jsonl, read_json
+from ..state.history import is_finished
+from ..state.layout import StateDir, read_record_or_none
+from ..state.records import RunFile
+from .procs import kill_run, training_processes
+
+
+@dataclass
+class SoakEvent:
+    number: int
+    kind: str
+    """"SIGKILL" (whole tree, mid-step), "SIGKILL-save" (whole tree, during a save) or "SIGTERM"."""
+    at_step: int
+    resumed_from: int | None = None
+    expected_resume: int | None = None
+    steps_lost: int | None = None
+    torn_set_aside: list[str] = field(default_factory=list)
+    seconds_to_first_step: float | None = None
+    exit_code: int | None = None
+
+
+@dataclass
+class SoakReport:
+    events: list[SoakEvent]
+    final_step: int
+    max_steps: int
+    save_steps: int
+    max_abs_diff: float | None
+    failures: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ok"] = self.ok
+        return d
+
+
+def _last_step(output_dir: Path) -> tuple[int, int | None]:
+    last = last_jsonl(StateDir(output_dir).steps)
+    return (int(last["step"]), last.get("attempt")) if last else (0, None)
+
+
+def _attempt_count(output_dir: Path) -> int:
+    return len(StateDir(output_dir).attempt_numbers())
+
+
+def _resume_of(output_dir: Path, attempt: int) -> int | None:
+    run = read_record_or_none(StateDir(output_dir).run_file(attempt), RunFile)
+    return checkpoints.step_of(run.resume_from) if run else None
+
+
+class SoakRunner:
+    def __init__(self, config: Path, workdir: Path, nproc: int, seed: int, echo: Callable[[str], None]) -> None:
+        self.config = config
+        self.args = yaml.safe_load(config.read_text())
+        self.workdir = workdir
+        self.nproc = nproc
+        self.rng = random.Random(seed)
+        self.echo = echo
+        self.max_steps = int(self.args["max_steps"])
+        self.save_steps = int(self.args.get("save_steps", 500))
+
+    def _config_for(self, name: str) -> Path:
+        args = {**self.args, "output_dir": str(self.workdir / name)}
+        path = self.workdir / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(args, sort_keys=False))
+        return path
+
+    def _start(self, cfg: Path, log: Path) -> subprocess.Popen:
+        cmd = [sys.executable, "-m", "ft_appliance", "train", str(cfg), "--nproc", str(self.nproc), "--backoff", "0.5"]
+        with open(log, "a") as fh:
+            return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def reference(self) -> Path:
+        cfg = self._config_for("soak-reference")
+        out = self.workdir / "soak-reference"
+        if not is_finished(out):
+            self.echo(f"reference run: {self.max_steps} steps, uninterrupted")
+            rc = self._start(cfg, self.workdir / "soak-reference.log").wait()
+            if rc != 0:
+                raise RuntimeError(f"reference run failed with exit code {rc}: see {self.workdir}/soak-reference.log")
+        return out
+
+    def _wait_step(self, out: Path, sup: subprocess.Popen, target: int, attempt: int) -> bool:
+        while sup.poll() is None:
+            step, att = _last_step(out)
+            if att == attempt and step >= target:
+                return True
+            time.sleep(0.01)
+        return False
+
+    def _wait_save_start(self, out: Path, sup: subprocess.Popen, after: int) -> int | None:
+        """Block until a checkpoint directory newer than `after` appears; returns its step."""
+        nxt = (after // self.save_steps + 1) * self.save_steps
+        if nxt >= self.max_steps:
+            return None
+        path = out / f"checkpoint-{nxt}"
+        while sup.poll() is None:
+            if path.exists():
+                return nxt
+            time.sleep(0.005)  # short: the save it waits for lasts well under a second on the demo
+        return None
+
+    def run(self, kills: int, terms: int) -> SoakReport:
+        ref = self.reference()
+        out = self.workdir / "soak-run"
+        cfg = self._config_for("soak-run")
+        log = self.workdir / "soak-run.log"
+        kinds = ["SIGKILL"] * kills + ["SIGTERM"] * terms
+        self.rng.shuffle(kinds)
+        kinds = [("SIGKILL-save" if k == "SIGKILL" and self.rng.random() < 0.4 else k) for k in kinds]
+        events: list[SoakEvent] = []
+        failures: list[str] = []
+        pending: SoakEvent | None = None
+        killed_at = 0.0
+        for number, kind in enumerate([*kinds, "finish"], start=1):
+            attempt = _attempt_count(out) + 1  # counted before the start: the new supervisor creates it
+            sup = self._start(cfg, log)
+            run_file = StateDir(out).run_file(attempt)
+            while not run_file.exists() and sup.poll() is None:  # written once the checkpoint is chosen
+                time.sleep(0.01)
+            if pending is not None:
+                pending.resumed_from = _resume_of(out, attempt)
+                if pending.resumed_from != pending.expected_resume:
+                    failures.append(
+                        f"event {pending.number}: resumed from {pending.resumed_from}, "
+                        f"expected the newest complete checkpoint {pending.expected_resume}"
+                    )
+                pending.steps_lost = max(0, pending.at_step - (pending.resumed_from or 0))
+                if pending.kind != "SIGTERM" and pending.steps_lost > self.save_steps:
+                    failures.append(f"event {pending.number}: lost {pending.steps_lost} steps (> save_steps)")
+                if pending.kind == "SIGTERM" and pending.steps_lost != 0:
+                    failures.append(f"event {pending.number}: SIGTERM lost {pending.steps_lost} steps")
+                if self._wait_step(out, sup, (pending.resumed_from or 0) + 1, attempt):
+                    pending.seconds_to_first_step = round(time.monotonic() - killed_at, 1)
+                pending = None
+            if kind == "finish":
+                rc = sup.wait()
+                if rc != 0:
+                    failures.append(f"final start exited {rc}: see {log}")
+                break
+            current, _ = _last_step(out)
+            room = self.max_steps - current
+            if room < 3:
+                self.echo(f"event {number} ({kind}) skipped: the run is almost done")
+                continue
+            if kind == "SIGKILL-save":
+                step = self._wait_save_start(out, sup, current)
+                if step is None:
+                    kind = "SIGKILL"
+            if kind != "SIGKILL-save":
+                target = current + self.rng.randint(1, max(1, min(room - 2, 2 * self.save_steps)))
+                if not self._wait_step(out, sup, target, attempt):
+                    failures.append(f"event {number}: the run ended before step {target}: see {log}")
+                    break
+            at_step, _ = _last_step(out)
+            event = SoakEvent(number, kind, at_step)
+            killed_at = time.monotonic()
+            if kind == "SIGTERM":
+                sup.send_signal(signal.SIGTERM)
+                event.exit_code = sup.wait(300)
+                if event.exit_code != 143:
+                    failures.append(f"event {number}: SIGTERM exit code {event.exit_code}, expected 143")
+                event.at_step, _ = _last_step(out)
+            else:
+                kill_run(sup, out)
+                event.exit_code = -9
+            leftovers = training_processes(out)
+            if leftovers:
+                failures.append(f"event {number}: {len(leftovers)} training processes left behind")
+            found = checkpoints.scan(out)
+            event.torn_set_aside = [c.path.name for c in to_set_aside(found)]
+            chosen = choose_resume(found)
+            event.expected_resume = chosen.step if chosen else None
+            self.echo(
+                f"event {number}: {kind} at step {event.at_step}; newest complete checkpoint "
+                f"{event.expected_resume}; torn {event.torn_set_aside or 'none'}"
+            )
+            events.append(event)
+            pending = event
+        final = read_json(out / "trainer_state.json") or {}
+        final_step = int(final.get("global_step", 0))
+        if final_step != self.max_steps:
+            failures.append(f"finished at step {final_step}, expected {self.max_steps}")
+        diff = _adapter_diff(ref, out)
+        if diff is None:
+            failures.append("no final adapter to compare")
+        elif diff != 0.0:
+            failures.append(f"final adapter differs from the uninterrupted run by up to {diff:g}")
+        return SoakReport(events, final_step, self.max_steps, self.save_steps, diff, failures)
+
+
+def _adapter_diff(a: Path, b: Path) -> float | None:
+    from safetensors.torch import load_file
+
+    name = "adapter_model.safetensors" if (a / "adapter_model.safetensors").exists() else "model.safetensors"
+    if not (a / name).exists() or not (b / name).exists():
+        return None
+    ta, tb = load_file(str(a / name)), load_file(str(b / name))
+    if ta.keys() != tb.keys():
+        return float("inf")
+    return max((float((ta[k].double() - tb[k].double()).abs().max()) for k in ta), default=0.0)
+
+
+def format_table(report: SoakReport) -> list[str]:
+    head = f"{'#':>2}  {'event':<12} {'at step':>7} {'resumed':>7} {'lost':>4} {'to 1st step':>11}  torn set aside"
+    lines = [head, "-" * len(head)]
+    for e in report.events:
+        lines.append(
+            f"{e.number:>2}  {e.kind:<12} {e.at_step:>7} {e.resumed_from if e.resumed_from is not None else 0:>7} "
+            f"{e.steps_lost if e.steps_lost is not None else '-':>4} "
+            f"{(f'{e.seconds_to_first_step:.1f} s') if e.seconds_to_first_step is not None else '-':>11}  "
+            f"{', '.join(e.torn_set_aside) or '-'}"
+        )
+    lines.append(
+        f"final step {report.final_step}/{report.max_steps} (save every {report.save_steps}); "
+        f"max |adapter - uninterrupted| = {report.max_abs_diff}"
+    )
+    lines.append("PASS" if report.ok else "FAIL: " + "; ".join(report.failures))
+    return lines

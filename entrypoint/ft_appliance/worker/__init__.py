@@ -1,0 +1,1 @@
+"""What torchrun starts on every rank: LlamaFactory plus the appliance's callbacks."""

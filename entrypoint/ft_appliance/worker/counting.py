@@ -1,0 +1,98 @@
+"""Measurements the worker takes inside a step: real tokens, counted on the device, and the
+FT_TRACE_STEPS profiler that benchmarks/ reads."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+class TokenCount:
+    """Real tokens of the current optimizer step, counted on the device where the masks are.
+
+    Reading a device count stalls the CPU until the GPU queue is empty, so each micro-batch's running
+    total is copied to pinned host memory asynchronously, and the step end waits only for the last
+    copy (queued at the last micro-batch's start, long done or close to it), not for the whole step.
+    """
+
+    def __init__(self) -> None:
+        self.on_host = 0
+        self.on_device: Any = None
+        self.pinned: Any = None
+        self.copied: Any = None
+
+    def add(self, count: Any) -> None:
+        import torch
+
+        if not (isinstance(count, torch.Tensor) and count.is_cuda):
+            self.on_host += int(count)
+            return
+        self.on_device = count if self.on_device is None else self.on_device + count
+        if self.pinned is None:
+            self.pinned = torch.zeros((), dtype=torch.int64, pin_memory=True)
+            self.copied = torch.cuda.Event()
+        self.pinned.copy_(self.on_device, non_blocking=True)
+        self.copied.record()
+
+    def take(self) -> int:
+        """The step's count, then zero for the next step."""
+        value, self.on_host = self.on_host, 0
+        if self.on_device is not None:
+            self.copied.synchronize()
+            value += int(self.pinned)
+            self.on_device = None
+        return value
+
+
+class StepTrace:
+    """FT_TRACE_STEPS=DIR[:FIRST[:COUNT]]: torch.profiler over COUNT optimizer steps from FIRST (default
+    8 and 2) on rank 0, for benchmarks/: where a step's time goes, including time the GPU waits."""
+
+    def __init__(self, out: Path, first: int, count: int) -> None:
+        self.out, self.first, self.count = out, first, count
+        self.prof: Any = None
+        self.started = 0.0
+
+    @classmethod
+    def from_env(cls, rank: int) -> StepTrace | None:
+        spec = os.environ.get("FT_TRACE_STEPS")
+        if not spec or rank != 0:
+            return None
+        parts = spec.split(":")
+        return cls(Path(parts[0]), int(parts[1]) if len(parts) > 1 else 8, int(parts[2]) if len(parts) > 2 else 2)
+
+    def maybe_start(self, step: int) -> None:
+        if step == self.first and self.prof is None:
+            import torch
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+                activities.append(ProfilerActivity.CUDA)
+            self.prof = profile(activities=activities)
+            self.prof.__enter__()
+            self.started = time.monotonic()
+
+    def maybe_stop(self, step: int) -> None:
+        if self.prof is None or step != self.first + self.count:
+            return
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.monotonic() - self.started
+        self.prof.__exit__(None, None, None)
+        events = self.prof.key_averages()
+        # Kernels only: the ops that launched them report the same device time again.
+        cuda_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "trace.txt").write_text(
+            f"{self.count} steps: wall {wall * 1000:.0f} ms, GPU busy {cuda_us / 1000:.0f} ms\n\n"
+            + events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+            + "\n"
+            + events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
+        )
+        self.prof = None

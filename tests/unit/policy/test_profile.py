@@ -1,0 +1,94 @@
+"""The default performance profile: applied only where the user said nothing, each choice explained."""
+
+from __future__ import annotations
+
+from ft_appliance.policy.profile import (
+    BLOCKDIAG_ATTENTION,
+    LORA_ADD_IN_GEMM,
+    LORA_INPUTS,
+    GpuFacts,
+    fits_without_checkpointing,
+    performance_profile,
+)
+
+H100 = GpuFacts((9, 0), 80 * 2**30, liger_available=True, flash_attn_available=False)
+LLAMA_8B = {"hidden_size": 4096, "num_hidden_layers": 32}
+SEED = {"stage": "sft", "per_device_train_batch_size": 4, "cutoff_len": 2048}
+LORA = [LORA_INPUTS, LORA_ADD_IN_GEMM]
+
+
+def test_seed_config_on_h100_gets_the_full_profile() -> None:
+    chosen = performance_profile(SEED, H100, LLAMA_8B, 16 * 2**30)
+    updates, notes = chosen.updates, chosen.notes
+    assert chosen.tweaks == []  # no FlexAttention known, no precision chosen yet
+    assert updates == {
+        "enable_liger_kernel": True,
+        "packing": True,
+        "neat_packing": True,
+        "disable_gradient_checkpointing": True,
+        "logging_nan_inf_filter": False,
+    }
+    assert len([n for n in notes if n.startswith("profile: ")]) == 6  # five choices and the attention note
+    assert any("SDPA; flash-attn is not installed" in n for n in notes)
+
+
+def test_user_keys_always_win() -> None:
+    args = {
+        **SEED,
+        "enable_liger_kernel": False,
+        "packing": False,
+        "disable_gradient_checkpointing": False,
+        "logging_nan_inf_filter": True,
+    }
+    chosen = performance_profile(args, H100, LLAMA_8B, 16 * 2**30)
+    assert chosen.updates == {} and chosen.tweaks == []
+    assert "profile: enable_liger_kernel left as the config says (False)" in chosen.notes
+    assert "profile: logging_nan_inf_filter left as the config says (True)" in chosen.notes
+
+
+def test_gradient_checkpointing_kept_when_memory_requires() -> None:
+    small = GpuFacts((8, 6), 24 * 2**30, True, False)
+    chosen = performance_profile(SEED, small, LLAMA_8B, 16 * 2**30)
+    assert "disable_gradient_checkpointing" not in chosen.updates
+    assert any("gradient checkpointing kept" in n for n in chosen.notes)
+    assert fits_without_checkpointing(
+        16 * 2**30, LLAMA_8B, {"per_device_train_batch_size": 1, "cutoff_len": 512}, 24 * 2**30
+    )[0]
+
+
+def test_no_liger_no_fa2_and_other_stages() -> None:
+    plain = GpuFacts((8, 0), 80 * 2**30, liger_available=False, flash_attn_available=True)
+    chosen = performance_profile({"stage": "dpo"}, plain, None, None)
+    assert chosen.updates == {"flash_attn": "fa2", "logging_nan_inf_filter": False} and chosen.tweaks == []
+
+
+H100_FLEX = GpuFacts((9, 0), 80 * 2**30, liger_available=True, flash_attn_available=False, flex_available=True)
+BF16 = {**SEED, "bf16": True}
+
+
+def test_neat_packing_gets_blockdiag_attention_and_lora_layers_stay_bf16() -> None:
+    chosen = performance_profile(BF16, H100_FLEX, LLAMA_8B, 16 * 2**30)
+    assert chosen.tweaks == [BLOCKDIAG_ATTENTION, *LORA] and chosen.updates["neat_packing"] is True
+    assert "flash_attn" not in chosen.updates  # LlamaFactory loads with SDPA; the worker switches
+    assert any("FlexAttention with a block-sparse mask" in n for n in chosen.notes)
+    assert any("no value changes" in n for n in chosen.notes)
+    assert any("added inside its second matmul" in n for n in chosen.notes)
+    # the user's own neat packing gets it too
+    assert BLOCKDIAG_ATTENTION in performance_profile({**SEED, "neat_packing": True}, H100_FLEX, None, None).tweaks
+
+
+def test_tweaks_only_where_safe_and_nobody_chose_otherwise() -> None:
+    def tweaks(args: dict, gpu: GpuFacts = H100_FLEX) -> list[str]:
+        return performance_profile(args, gpu, None, None).tweaks
+
+    assert tweaks({**BF16, "flash_attn": "sdpa"}) == LORA  # the user chose an attention
+    assert tweaks({**BF16, "packing": True}) == LORA  # plain packing: nothing to keep apart
+    fa2 = GpuFacts((9, 0), 80 * 2**30, True, flash_attn_available=True, flex_available=True)
+    assert tweaks(BF16, fa2) == LORA  # LlamaFactory's own fa2 path keeps examples apart
+    volta = GpuFacts((7, 0), 32 * 2**30, True, False, flex_available=True)
+    assert tweaks({**SEED, "fp16": True}, volta) == LORA
+    # the LoRA changes hold under autocast with an fp32 adapter only
+    assert tweaks({**BF16, "pure_bf16": True}) == [BLOCKDIAG_ATTENTION]
+    assert tweaks({**BF16, "finetuning_type": "full"}) == [BLOCKDIAG_ATTENTION]
+    assert tweaks({**BF16, "deepspeed": "configs/deepspeed/ds_z3_config.json"}) == [BLOCKDIAG_ATTENTION]
+    assert tweaks(SEED) == [BLOCKDIAG_ATTENTION]  # fp32

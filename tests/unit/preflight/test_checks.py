@@ -1,0 +1,162 @@
+"""Preflight policy fed with recorded inventories of real cards (tests/fixtures/inventories)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from ft_appliance.preflight.facts import EnvFacts, ModelFacts
+from ft_appliance.preflight.gpus import Inventory, inventory_from_dict
+from ft_appliance.preflight.checks import (
+    Report,
+    RunMeta,
+    check_batch,
+    check_gpus,
+    check_memory,
+    choose_precision,
+    estimate_params,
+    exit_code_for,
+    run_checks,
+)
+
+from tests.helpers import INVENTORIES, LLAMA_8B_CONFIG
+
+FIXTURES = INVENTORIES
+LLAMA_8B = LLAMA_8B_CONFIG
+LLAMA_70B = {
+    **LLAMA_8B,
+    "hidden_size": 8192,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "intermediate_size": 28672,
+}
+
+
+def inv(name: str) -> Inventory:
+    return inventory_from_dict(json.loads((FIXTURES / f"{name}.json").read_text()))
+
+
+def gpu_check(card: str, args: dict, nproc: int = 1) -> Report:
+    report = Report()
+    check_gpus(inv(card), nproc, args, report)
+    return report
+
+
+def test_h100_recorded_on_real_hardware_is_usable() -> None:
+    h100 = inv("h100")
+    assert h100.source == "nvml" and h100.count >= 1
+    assert h100.gpus[0].compute_capability == (9, 0) and "H100" in h100.gpus[0].name
+    assert gpu_check("h100", {"bf16": True, "flash_attn": "fa3", "fp8": True}).problems == []
+
+
+@pytest.mark.parametrize(
+    ("card", "expected"),
+    [
+        ("v100", {"fp16": True}),
+        ("t4", {"fp16": True}),
+        ("a10g", {"bf16": True}),
+        ("l4", {"bf16": True}),
+        ("a100", {"bf16": True}),
+        ("h100", {"bf16": True}),
+    ],
+)
+def test_precision_left_to_the_appliance(card: str, expected: dict) -> None:
+    report = gpu_check(card, {})
+    assert report.updates == expected
+    warned = [p for p in report.problems if p.check == "gpu.precision"]
+    assert bool(warned) == ("fp16" in expected)  # a downgrade is said out loud
+
+
+@pytest.mark.parametrize("card", ["v100", "t4", "mixed-a100-v100"])
+def test_insisting_on_bf16_on_old_cards_fails_clearly(card: str) -> None:
+    [p] = [p for p in gpu_check(card, {"bf16": True}, nproc=1).problems if p.severity == "error"]
+    assert p.check == "gpu.bf16" and "compute capability 8.0" in p.message and "set fp16: true" in p.message
+    assert exit_code_for(p) == 4
+
+
+def test_user_precision_is_never_overridden() -> None:
+    assert choose_precision((9, 0), {"fp16": True}) == ({}, None)
+    assert choose_precision((9, 0), {"bf16": False}) == ({}, None)
+    assert gpu_check("a100", {"fp16": True}).updates == {}
+
+
+@pytest.mark.parametrize(
+    ("card", "args", "check", "needle"),
+    [
+        ("t4", {"flash_attn": "fa2"}, "gpu.flash_attn", "FlashAttention-2 needs compute capability 8.0"),
+        ("a100", {"flash_attn": "fa3"}, "gpu.flash_attn", "FlashAttention-3 needs compute capability 9.0"),
+        ("a100", {"fp8": True}, "gpu.fp8", "FP8 training needs compute capability 8.9"),
+        ("a100-old-driver", {}, "gpu.driver", "supports CUDA up to 12.2 but torch was built for CUDA 13.0"),
+    ],
+)
+def test_card_features(card: str, args: dict, check: str, needle: str) -> None:
+    errors = [p for p in gpu_check(card, args).problems if p.severity == "error"]
+    assert [p.check for p in errors] == [check]
+    assert needle in errors[0].message
+
+
+def test_l4_has_fp8_and_fa2() -> None:
+    assert [p for p in gpu_check("l4", {"fp8": True, "flash_attn": "fa2"}).problems if p.severity == "error"] == []
+
+
+def test_gpu_count_and_mixed_models() -> None:
+    [p] = gpu_check("t4", {"fp16": True}, nproc=4).problems
+    assert p.check == "gpu.count" and "4 GPUs requested but 1 visible" in p.message
+    mixed = gpu_check("mixed-a100-v100", {"fp16": True}, nproc=2).problems
+    assert [(p.check, p.severity) for p in mixed] == [("gpu.mixed", "warning")]
+
+
+def test_params_estimate_matches_llama_3_1_8b() -> None:
+    assert estimate_params(LLAMA_8B) == pytest.approx(8.03e9, rel=0.01)
+
+
+def _memory(card: str, config: dict, args: dict, world: int = 1) -> list:
+    report = Report()
+    check_memory(inv(card), ModelFacts("m", Path("/m"), config), args, world, report)
+    return report.problems
+
+
+def test_memory_estimate_with_concrete_suggestions() -> None:
+    assert _memory("a100", LLAMA_8B, {"finetuning_type": "lora"}) == []
+    [p] = _memory("t4", LLAMA_8B, {"finetuning_type": "lora"})
+    assert p.severity == "error" and "QLoRA (quantization_bit: 4)" in p.message
+    assert _memory("t4", LLAMA_8B, {"finetuning_type": "lora", "quantization_bit": 4}) == []
+    [p] = _memory("a100", LLAMA_8B, {"finetuning_type": "full"})
+    assert p.severity == "error" and "ZeRO-3" in p.message
+    z3 = {"finetuning_type": "full", "deepspeed": "/data/configs/deepspeed/ds_z3_config.json"}
+    assert _memory("a100", LLAMA_8B, z3, world=8) == []
+    [p] = _memory("a100", LLAMA_70B, {"finetuning_type": "lora"})
+    assert "about 131 GiB" in p.message
+
+
+def test_effective_batch_and_gpu_count_change() -> None:
+    args = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}
+    r = Report()
+    check_batch(args, 4, None, False, r)
+    assert r.effective_batch == 32 and r.problems == []
+    prev = RunMeta(world_size=8, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    r = Report()
+    check_batch(args, 4, prev, False, r)
+    assert [p.severity for p in r.problems] == ["warning"] and "--keep-effective-batch" in r.problems[0].message
+    r = Report()
+    check_batch(args, 4, prev, True, r)
+    assert r.updates == {"gradient_accumulation_steps": 4} and r.effective_batch == 64
+    r = Report()
+    check_batch({**args, "deepspeed": "ds.json"}, 4, RunMeta(8, 4, 2, "ds.json"), True, r)
+    assert r.problems[0].check == "gpu.world_size" and "needs the same count" in r.problems[0].message
+
+
+def test_cpu_run_skips_gpu_checks(tmp_path: Path) -> None:
+    env = EnvFacts(2**34, -1, 8 * 2**20, tmp_path, 2**40, True)
+    report = run_checks(
+        {"do_train": True, "dataset": "d", "bf16": True},
+        inventory=None,
+        nproc=2,
+        world=2,
+        env=env,
+        model=ModelFacts("m", tmp_path, {}, ("model.safetensors",), ("tokenizer.json",)),
+        data=None,
+        templates={},
+    )
+    assert not any(p.check.startswith("gpu.") for p in report.problems)

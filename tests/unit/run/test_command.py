@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from ft_appliance.config.plan import Plan, Rendezvous, RetryPolicy
+from ft_appliance.run.command import DEFAULT_ENV, build_launch, build_spare, spare_allowed, torchrun_argv
+
+
+@pytest.mark.parametrize("nproc", [1, 2, 8])
+def test_single_node_command(nproc: int) -> None:
+    argv = torchrun_argv(nproc, Rendezvous(), 29555, ["/run.json"], python="/py")
+    assert argv == [
+        "/py", "-m", "torch.distributed.run",
+        "--nproc-per-node", str(nproc),
+        "--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", "29555",
+        "--max-restarts", "0",
+        "-m", "ft_appliance.worker", "/run.json",
+    ]  # fmt: skip
+
+
+def test_multi_node_command_uses_c10d_rendezvous() -> None:
+    argv = torchrun_argv(8, Rendezvous("2", "head:29400", "job-7"), 1, ["/run.json"], python="/py")
+    assert argv[argv.index("--nnodes") + 1] == "2"
+    assert argv[argv.index("--rdzv-backend") + 1] == "c10d"
+    assert argv[argv.index("--rdzv-endpoint") + 1] == "head:29400"
+    assert argv[argv.index("--rdzv-id") + 1] == "job-7"
+    assert "--master-addr" not in argv
+    assert argv[-3:] == ["-m", "ft_appliance.worker", "/run.json"]
+
+
+def test_launch_env_defaults_and_user_env_wins(tmp_path: Path) -> None:
+    plan = Plan(tmp_path / "c.yaml", {"output_dir": str(tmp_path)}, tmp_path, 2, tmp_path)
+    env = {"PYTORCH_CUDA_ALLOC_CONF": "mine", "PATH": "/bin"}
+    spec = build_launch(plan, tmp_path / "run.json", tmp_path / "a" / "output.log", 1234, env, supervisor_pid=7)
+    assert spec.env["PYTORCH_CUDA_ALLOC_CONF"] == "mine"
+    assert spec.env["TORCH_NCCL_AVOID_RECORD_STREAMS"] == DEFAULT_ENV["TORCH_NCCL_AVOID_RECORD_STREAMS"]
+    assert spec.env["FT_SUPERVISOR_PID"] == "7" and spec.log_path == tmp_path / "a" / "output.log"
+    assert spec.cwd == tmp_path
+    assert "--nproc-per-node" in spec.argv and spec.argv[spec.argv.index("--nproc-per-node") + 1] == "2"
+
+
+def test_spare_waits_for_its_go_file_and_knows_its_supervisor(tmp_path: Path) -> None:
+    plan = Plan(tmp_path / "c.yaml", {"output_dir": str(tmp_path)}, tmp_path, 2, tmp_path)
+    spec = build_spare(plan, tmp_path / "go.json", tmp_path / "s", 1234, {"PATH": "/bin"}, supervisor_pid=42)
+    assert spec.argv[-4:] == ["-m", "ft_appliance.worker", "--spare", str(tmp_path / "go.json")]
+    assert spec.env["FT_SUPERVISOR_PID"] == "42"
+
+
+def test_spare_only_where_a_single_node_can_restart(tmp_path: Path) -> None:
+    plan = Plan(tmp_path / "c.yaml", {}, tmp_path, 2, tmp_path)
+    assert spare_allowed(plan)
+    assert not spare_allowed(replace(plan, retry=RetryPolicy(max_restarts=0)))  # nothing to take over
+    assert not spare_allowed(replace(plan, retry=RetryPolicy(spare=False)))  # --no-spare
+    assert not spare_allowed(replace(plan, rendezvous=Rendezvous("2", "head:29400")))  # nodes restart together

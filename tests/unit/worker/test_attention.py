@@ -1,0 +1,121 @@
+"""The block-diagonal attention path, on CPU: the same model, the same packed batch, once with
+LlamaFactory's 4D block-diagonal mask under SDPA and once through the appliance's attention function
+(with the reference kernel standing in for the CUDA FlexAttention one; tests/gpu checks that)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ft_appliance.worker import attention
+from llamafactory.data.collator import prepare_4d_attention_mask
+from transformers import LlamaConfig, LlamaForCausalLM
+
+# Two packed rows of 24 tokens: examples of 5, 7 and 4 tokens then padding; examples of 10 and 14.
+ROWS = [[5, 7, 4], [10, 14]]
+LENGTH = 24
+
+
+def packed_batch() -> dict[str, torch.Tensor]:
+    """What LlamaFactory's neat packing hands the model: position_ids restarting at 0 per example,
+    an attention mask of example indices (1, 2, ...; 0 for padding)."""
+    positions, indices = [], []
+    for row in ROWS:
+        pos = [p for n in row for p in range(n)]
+        idx = [i + 1 for i, n in enumerate(row) for _ in range(n)]
+        pad = LENGTH - len(pos)
+        positions.append(pos + [0] * pad)
+        indices.append(idx + [0] * pad)
+    torch.manual_seed(0)
+    return {
+        "input_ids": torch.randint(3, 200, (len(ROWS), LENGTH)),
+        "position_ids": torch.tensor(positions),
+        "segment_mask": torch.tensor(indices),
+    }
+
+
+TINY = dict(
+    vocab_size=200,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,  # grouped-query attention, as in Llama-3.1-8B
+    max_position_embeddings=64,
+)
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**TINY, attn_implementation="sdpa")).eval()
+
+
+def test_examples_start_wherever_position_ids_restart() -> None:
+    ids = attention.example_ids(torch.tensor([[0, 1, 2, 0, 1, 0, 0], [0, 1, 2, 3, 0, 1, 2]]))
+    assert ids.tolist() == [[1, 1, 1, 2, 2, 3, 4], [1, 1, 1, 1, 2, 2, 2]]
+
+
+def test_reference_kernel_keeps_examples_apart_and_causal() -> None:
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 4, 9, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
+    examples = torch.tensor([[1] * 4 + [2] * 5])
+    out = attention.reference_kernel(q, k, v, examples, None)
+    # the second example alone gives the same result: nothing leaked from the first
+    alone = attention.reference_kernel(q[:, :, 4:], k[:, :, 4:], v[:, :, 4:], examples[:, 4:], None)
+    torch.testing.assert_close(out[:, :, 4:], alone)
+    # a token sees only what came before it: changing a later token changes nothing earlier
+    v2 = v.clone()
+    v2[:, :, 8] += 10
+    torch.testing.assert_close(attention.reference_kernel(q, k, v2, examples, None)[:, :, :8], out[:, :, :8])
+
+
+def test_blockdiag_path_matches_llamafactory_block_diagonal_mask(model: LlamaForCausalLM) -> None:
+    batch = packed_batch()
+    real = batch["segment_mask"] > 0
+    mask4d = prepare_4d_attention_mask(batch["segment_mask"], torch.float32)
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        expected = model(input_ids=batch["input_ids"], attention_mask=mask4d, position_ids=batch["position_ids"])
+        plain = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])  # packs attend across
+        attention.register(kernel=attention.reference_kernel)
+        assert attention.use_blockdiag(model) == "sdpa"
+        assert model.config._attn_implementation == attention.NAME
+        got = model(input_ids=batch["input_ids"], attention_mask=mask4d, position_ids=batch["position_ids"])
+        model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(got.logits[real], expected.logits[real], atol=1e-5, rtol=1e-5)
+    # and the comparison means something: without the block-diagonal mask the logits differ
+    assert not torch.allclose(plain.logits[real], expected.logits[real], atol=1e-3)
+
+
+def test_cpu_tensors_fall_back_to_sdpa(model: LlamaForCausalLM) -> None:
+    ids = packed_batch()["input_ids"]
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        expected = model(input_ids=ids).logits
+        attention.register()  # the real kernel: CUDA only, so CPU tensors take the SDPA fallback
+        attention.use_blockdiag(model)
+        got = model(input_ids=ids).logits
+        model.set_attn_implementation("sdpa")
+    torch.testing.assert_close(got, expected)
+
+
+def test_a_kernel_that_cannot_run_turns_the_path_off_and_sdpa_takes_over(model: LlamaForCausalLM) -> None:
+    batch = packed_batch()
+    mask4d = prepare_4d_attention_mask(batch["segment_mask"], torch.float32)
+    calls = []
+
+    def failing(*_args: object) -> None:
+        calls.append(1)
+        raise RuntimeError("triton: no compiler for this machine")
+
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        expected = model(input_ids=batch["input_ids"], attention_mask=mask4d, position_ids=batch["position_ids"])
+        attention.register(kernel=failing)
+        attention.use_blockdiag(model)
+        got = model(input_ids=batch["input_ids"], attention_mask=mask4d, position_ids=batch["position_ids"])
+        again = model(input_ids=batch["input_ids"], attention_mask=mask4d, position_ids=batch["position_ids"])
+        model.set_attn_implementation("sdpa")
+    assert len(calls) == 1  # tried once, then never again
+    torch.testing.assert_close(got.logits, expected.logits)
+    torch.testing.assert_close(again.logits, expected.logits)
