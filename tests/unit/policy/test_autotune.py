@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ft_appliance.config.plan import Plan
 from ft_appliance.policy.autotune import candidates, choose
 from ft_appliance.run.probe import ProbeResult, autotune
 from ft_appliance.run.signals import Shutdown
-from ft_appliance.config.plan import Plan
 
 GiB = 2**30
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 from ft_appliance.policy.progress import format_duration, format_progress, progress_of, steps_lost
-
-
 from ft_appliance.state.records import LogRecord, StepRecord
 
 

@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from ft_appliance.preflight.facts import EnvFacts, ModelFacts
-from ft_appliance.preflight.gpus import Inventory, inventory_from_dict
 from ft_appliance.preflight.checks import (
     Report,
     RunMeta,
@@ -19,6 +17,8 @@ from ft_appliance.preflight.checks import (
     exit_code_for,
     run_checks,
 )
+from ft_appliance.preflight.facts import EnvFacts, ModelFacts
+from ft_appliance.preflight.gpus import Inventory, inventory_from_dict
 
 from tests.helpers import INVENTORIES, LLAMA_8B_CONFIG
 

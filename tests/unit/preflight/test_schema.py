@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import pytest
-from ft_appliance.tools.demo import demo_config
 from ft_appliance.preflight.schema import check_args, load_schema
+from ft_appliance.tools.demo import demo_config
 
 
 @pytest.fixture(scope="module")
