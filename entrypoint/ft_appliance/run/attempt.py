@@ -138,7 +138,6 @@ class Attempt:
                 self._progress_line()
             self.status.heartbeat()
             self.shutdown.wait(0.5)
-        self.status.refresh()
         return False, 0
 
     def _progress_line(self) -> None:
@@ -148,6 +147,7 @@ class Attempt:
             self.status.write(RunState.TRAINING)
 
     def outcome(self, rc: int | None, start_step: int, hung: bool, stop_sig: int) -> AttemptOutcome:
+        self.status.refresh()  # the steps written while the tree stopped
         failures = sorted(self._failures(), key=lambda f: f.time)
         stopped = read_record_or_none(self.sd.stopped, StopRecord)
         completed = read_record_or_none(self.sd.completed, Completion)

@@ -10,6 +10,7 @@ A worker talks to the supervisor only through the state folder's records and its
 from __future__ import annotations
 
 import ctypes
+import functools
 import errno as errnos
 import os
 import signal
@@ -147,6 +148,7 @@ def _wait_as_spare(go_file: Path, supervisor: int, stop: StopFlag) -> Path | Non
     return wait_for_go(go_file, supervisor, stop)
 
 
+@functools.cache  # a spare imports before its wait; the attempt it becomes must not register twice
 def _import_stack() -> Any:
     allow_cpu_device_tags()
     from llamafactory.train.tuner import run_exp  # the stack: most of a start's time
