@@ -26,7 +26,7 @@ from ft_appliance.state import checkpoints, lock
 from ft_appliance.state.layout import StateDir, append_record, read_record, write_record
 from ft_appliance.state.records import Completion, LogRecord, RunFile, StepRecord, StopRecord
 from ft_appliance.worker.beat import Beat
-from ft_appliance.worker.callbacks import StopFlag
+from ft_appliance.worker.context import StopFlag
 from ft_appliance.worker.main import WORKER_EXIT_STOPPED, die_with_parent, exit_now, wait_for_go, write_failure
 
 

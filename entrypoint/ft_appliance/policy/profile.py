@@ -6,7 +6,7 @@ Each choice comes with its reason, logged at start. Measured effects are in docs
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +79,25 @@ def performance_profile(
     if args.get("stage", "sft") in ("sft", "pt") and "packing" not in args and "neat_packing" not in args:
         choose("packing", True, "no compute spent on padding")
         choose("neat_packing", True, "examples in a pack cannot attend to each other, as without packing")
-    neat = bool(updates.get("neat_packing", args.get("neat_packing")))
+    _choose_attention(profile, args, gpu, choose)
+    if config and weights_bytes is not None and "disable_gradient_checkpointing" not in args:
+        _choose_checkpointing(profile, args, gpu, config, weights_bytes, choose)
+    _choose_lora_tweaks(profile, args)
+    choose(
+        "logging_nan_inf_filter",
+        False,
+        "its NaN check reads every micro-batch's loss on the CPU, stalling the GPU queue each time; it "
+        "only changes what the log shows",
+    )
+    return profile
+
+
+Choose = Callable[[str, Any, str], None]
+
+
+def _choose_attention(profile: Profile, args: Mapping[str, Any], gpu: GpuFacts, choose: Choose) -> None:
+    notes = profile.notes
+    neat = bool(profile.updates.get("neat_packing", args.get("neat_packing")))
     if gpu.flash_attn_available and gpu.compute_capability >= (8, 0):
         choose("flash_attn", "fa2", "FlashAttention-2 is installed and the card supports it")
     elif "flash_attn" in args:
@@ -92,20 +110,33 @@ def performance_profile(
         )
     else:
         notes.append("profile: flash_attn: auto (SDPA; flash-attn is not installed)")
-    if config and weights_bytes is not None and "disable_gradient_checkpointing" not in args:
-        fits, need = fits_without_checkpointing(weights_bytes, config, args, gpu.memory_bytes)
-        if fits:
-            choose(
-                "disable_gradient_checkpointing",
-                True,
-                f"about {need / GiB:.0f} GiB needed without it, within "
-                f"{MEMORY_TARGET:.0%} of {gpu.memory_bytes / GiB:.0f} GiB: no recomputation",
-            )
-        else:
-            notes.append(
-                f"profile: gradient checkpointing kept: about {need / GiB:.0f} GiB needed without it, "
-                f"over {MEMORY_TARGET:.0%} of {gpu.memory_bytes / GiB:.0f} GiB"
-            )
+
+
+def _choose_checkpointing(
+    profile: Profile,
+    args: Mapping[str, Any],
+    gpu: GpuFacts,
+    config: Mapping[str, Any],
+    weights_bytes: float,
+    choose: Choose,
+) -> None:
+    fits, need = fits_without_checkpointing(weights_bytes, config, args, gpu.memory_bytes)
+    if fits:
+        choose(
+            "disable_gradient_checkpointing",
+            True,
+            f"about {need / GiB:.0f} GiB needed without it, within "
+            f"{MEMORY_TARGET:.0%} of {gpu.memory_bytes / GiB:.0f} GiB: no recomputation",
+        )
+    else:
+        profile.notes.append(
+            f"profile: gradient checkpointing kept: about {need / GiB:.0f} GiB needed without it, "
+            f"over {MEMORY_TARGET:.0%} of {gpu.memory_bytes / GiB:.0f} GiB"
+        )
+
+
+def _choose_lora_tweaks(profile: Profile, args: Mapping[str, Any]) -> None:
+    notes = profile.notes
     # Autocast only: DeepSpeed and FSDP manage the adapter's dtype themselves.
     autocast = bool(args.get("bf16") or args.get("fp16")) and not args.get("pure_bf16")
     autocast = autocast and not args.get("deepspeed") and not args.get("fsdp")
@@ -120,10 +151,3 @@ def performance_profile(
             "profile: LoRA output added inside its second matmul (peft scales and adds it in two more "
             "passes over each layer's output, and a third in backward)"
         )
-    choose(
-        "logging_nan_inf_filter",
-        False,
-        "its NaN check reads every micro-batch's loss on the CPU, stalling the GPU queue each time; it "
-        "only changes what the log shows",
-    )
-    return profile

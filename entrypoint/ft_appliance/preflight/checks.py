@@ -92,6 +92,11 @@ def check_gpus(inv: Inventory, nproc: int, args: Mapping[str, Any], report: Repo
             "follows the weakest card; set CUDA_VISIBLE_DEVICES to one model",
             "warning",
         )
+    _check_precision(inv, args, report)
+    _check_features(inv, args, report)
+
+
+def _check_precision(inv: Inventory, args: Mapping[str, Any], report: Report) -> None:
     cc = min(g.compute_capability for g in inv.gpus)
     weakest = min(inv.gpus, key=lambda g: g.compute_capability).name
     ccs = f"{cc[0]}.{cc[1]}"
@@ -111,6 +116,13 @@ def check_gpus(inv: Inventory, nproc: int, args: Mapping[str, Any], report: Repo
                 report.add(
                     "gpu.precision", f"{weakest} (compute capability {ccs}) has no bf16: training in fp16", "warning"
                 )
+
+
+def _check_features(inv: Inventory, args: Mapping[str, Any], report: Report) -> None:
+    """Attention kernels, FP8 and the driver against what torch was built for."""
+    cc = min(g.compute_capability for g in inv.gpus)
+    weakest = min(inv.gpus, key=lambda g: g.compute_capability).name
+    ccs = f"{cc[0]}.{cc[1]}"
     attn = str(args.get("flash_attn", "auto"))
     if attn == "fa2" and cc < (8, 0):
         report.add(

@@ -85,6 +85,10 @@ class SoakRunner:
         self.echo = echo
         self.max_steps = int(self.args["max_steps"])
         self.save_steps = int(self.args.get("save_steps", 500))
+        self.out = workdir / "soak-run"
+        self.log = workdir / "soak-run.log"
+        self.failures: list[str] = []
+        self.killed_at = 0.0
 
     def _config_for(self, name: str) -> Path:
         args = {**self.args, "output_dir": str(self.workdir / name)}
@@ -129,91 +133,99 @@ class SoakRunner:
 
     def run(self, kills: int, terms: int) -> SoakReport:
         ref = self.reference()
-        out = self.workdir / "soak-run"
+        self.failures = []
         cfg = self._config_for("soak-run")
-        log = self.workdir / "soak-run.log"
         kinds = ["SIGKILL"] * kills + ["SIGTERM"] * terms
         self.rng.shuffle(kinds)
         kinds = [("SIGKILL-save" if k == "SIGKILL" and self.rng.random() < 0.4 else k) for k in kinds]
         events: list[SoakEvent] = []
-        failures: list[str] = []
         pending: SoakEvent | None = None
-        killed_at = 0.0
         for number, kind in enumerate([*kinds, "finish"], start=1):
-            attempt = _attempt_count(out) + 1  # counted before the start: the new supervisor creates it
-            sup = self._start(cfg, log)
-            run_file = StateDir(out).run_file(attempt)
+            attempt = _attempt_count(self.out) + 1  # counted before the start: the new supervisor creates it
+            sup = self._start(cfg, self.log)
+            run_file = StateDir(self.out).run_file(attempt)
             while not run_file.exists() and sup.poll() is None:  # written once the checkpoint is chosen
                 time.sleep(0.01)
             if pending is not None:
-                pending.resumed_from = _resume_of(out, attempt)
-                if pending.resumed_from != pending.expected_resume:
-                    failures.append(
-                        f"event {pending.number}: resumed from {pending.resumed_from}, "
-                        f"expected the newest complete checkpoint {pending.expected_resume}"
-                    )
-                pending.steps_lost = max(0, pending.at_step - (pending.resumed_from or 0))
-                if pending.kind != "SIGTERM" and pending.steps_lost > self.save_steps:
-                    failures.append(f"event {pending.number}: lost {pending.steps_lost} steps (> save_steps)")
-                if pending.kind == "SIGTERM" and pending.steps_lost != 0:
-                    failures.append(f"event {pending.number}: SIGTERM lost {pending.steps_lost} steps")
-                if self._wait_step(out, sup, (pending.resumed_from or 0) + 1, attempt):
-                    pending.seconds_to_first_step = round(time.monotonic() - killed_at, 1)
+                self._judge_resume(pending, sup, attempt)
                 pending = None
             if kind == "finish":
                 rc = sup.wait()
                 if rc != 0:
-                    failures.append(f"final start exited {rc}: see {log}")
+                    self.failures.append(f"final start exited {rc}: see {self.log}")
                 break
-            current, _ = _last_step(out)
-            room = self.max_steps - current
-            if room < 3:
-                self.echo(f"event {number} ({kind}) skipped: the run is almost done")
-                continue
-            if kind == "SIGKILL-save":
-                step = self._wait_save_start(out, sup, current)
-                if step is None:
-                    kind = "SIGKILL"
-            if kind != "SIGKILL-save":
-                target = current + self.rng.randint(1, max(1, min(room - 2, 2 * self.save_steps)))
-                if not self._wait_step(out, sup, target, attempt):
-                    failures.append(f"event {number}: the run ended before step {target}: see {log}")
-                    break
-            at_step, _ = _last_step(out)
-            event = SoakEvent(number, kind, at_step)
-            killed_at = time.monotonic()
-            if kind == "SIGTERM":
-                sup.send_signal(signal.SIGTERM)
-                event.exit_code = sup.wait(300)
-                if event.exit_code != 143:
-                    failures.append(f"event {number}: SIGTERM exit code {event.exit_code}, expected 143")
-                event.at_step, _ = _last_step(out)
-            else:
-                kill_run(sup, out)
-                event.exit_code = -9
-            leftovers = training_processes(out)
-            if leftovers:
-                failures.append(f"event {number}: {len(leftovers)} training processes left behind")
-            found = checkpoints.scan(out)
-            event.torn_set_aside = [c.path.name for c in to_set_aside(found)]
-            chosen = choose_resume(found)
-            event.expected_resume = chosen.step if chosen else None
-            self.echo(
-                f"event {number}: {kind} at step {event.at_step}; newest complete checkpoint "
-                f"{event.expected_resume}; torn {event.torn_set_aside or 'none'}"
+            event = self._inject(number, kind, sup, attempt)
+            if event is None:
+                break
+            if event.kind != "skipped":
+                events.append(event)
+                pending = event
+        return self._final(ref, events)
+
+    def _judge_resume(self, pending: SoakEvent, sup: subprocess.Popen, attempt: int) -> None:
+        pending.resumed_from = _resume_of(self.out, attempt)
+        if pending.resumed_from != pending.expected_resume:
+            self.failures.append(
+                f"event {pending.number}: resumed from {pending.resumed_from}, "
+                f"expected the newest complete checkpoint {pending.expected_resume}"
             )
-            events.append(event)
-            pending = event
-        final = read_json(out / "trainer_state.json") or {}
+        pending.steps_lost = max(0, pending.at_step - (pending.resumed_from or 0))
+        if pending.kind != "SIGTERM" and pending.steps_lost > self.save_steps:
+            self.failures.append(f"event {pending.number}: lost {pending.steps_lost} steps (> save_steps)")
+        if pending.kind == "SIGTERM" and pending.steps_lost != 0:
+            self.failures.append(f"event {pending.number}: SIGTERM lost {pending.steps_lost} steps")
+        if self._wait_step(self.out, sup, (pending.resumed_from or 0) + 1, attempt):
+            pending.seconds_to_first_step = round(time.monotonic() - self.killed_at, 1)
+
+    def _inject(self, number: int, kind: str, sup: subprocess.Popen, attempt: int) -> SoakEvent | None:
+        """One fault; None when the run ended before it could land (a failure is recorded)."""
+        out = self.out
+        current, _ = _last_step(out)
+        room = self.max_steps - current
+        if room < 3:
+            self.echo(f"event {number} ({kind}) skipped: the run is almost done")
+            return SoakEvent(number, "skipped", current)
+        if kind == "SIGKILL-save" and self._wait_save_start(out, sup, current) is None:
+            kind = "SIGKILL"
+        if kind != "SIGKILL-save":
+            target = current + self.rng.randint(1, max(1, min(room - 2, 2 * self.save_steps)))
+            if not self._wait_step(out, sup, target, attempt):
+                self.failures.append(f"event {number}: the run ended before step {target}: see {self.log}")
+                return None
+        event = SoakEvent(number, kind, _last_step(out)[0])
+        self.killed_at = time.monotonic()
+        if kind == "SIGTERM":
+            sup.send_signal(signal.SIGTERM)
+            event.exit_code = sup.wait(300)
+            if event.exit_code != 143:
+                self.failures.append(f"event {number}: SIGTERM exit code {event.exit_code}, expected 143")
+            event.at_step, _ = _last_step(out)
+        else:
+            kill_run(sup, out)
+            event.exit_code = -9
+        if leftovers := training_processes(out):
+            self.failures.append(f"event {number}: {len(leftovers)} training processes left behind")
+        found = checkpoints.scan(out)
+        event.torn_set_aside = [c.path.name for c in to_set_aside(found)]
+        chosen = choose_resume(found)
+        event.expected_resume = chosen.step if chosen else None
+        self.echo(
+            f"event {number}: {kind} at step {event.at_step}; newest complete checkpoint "
+            f"{event.expected_resume}; torn {event.torn_set_aside or 'none'}"
+        )
+        return event
+
+    def _final(self, ref: Path, events: list[SoakEvent]) -> SoakReport:
+        final = read_json(self.out / "trainer_state.json") or {}
         final_step = int(final.get("global_step", 0))
         if final_step != self.max_steps:
-            failures.append(f"finished at step {final_step}, expected {self.max_steps}")
-        diff = _adapter_diff(ref, out)
+            self.failures.append(f"finished at step {final_step}, expected {self.max_steps}")
+        diff = _adapter_diff(ref, self.out)
         if diff is None:
-            failures.append("no final adapter to compare")
+            self.failures.append("no final adapter to compare")
         elif diff != 0.0:
-            failures.append(f"final adapter differs from the uninterrupted run by up to {diff:g}")
-        return SoakReport(events, final_step, self.max_steps, self.save_steps, diff, failures)
+            self.failures.append(f"final adapter differs from the uninterrupted run by up to {diff:g}")
+        return SoakReport(events, final_step, self.max_steps, self.save_steps, diff, self.failures)
 
 
 def _adapter_diff(a: Path, b: Path) -> float | None:

@@ -10,8 +10,8 @@ A worker talks to the supervisor only through the state folder's records and its
 from __future__ import annotations
 
 import ctypes
-import functools
 import errno as errnos
+import functools
 import os
 import signal
 import sys
@@ -24,7 +24,7 @@ from ..state import lock
 from ..state.layout import BadRecord, StateDir, append_record, read_record, write_record
 from ..state.records import Completion, Event, GoFile, RunFile, StopRecord, WorkerFailure
 from .beat import Beat
-from .callbacks import StopFlag, StopRequested, WorkerContext, build_callbacks
+from .context import StopFlag, StopRequested, WorkerContext
 
 # Exit code of a worker that stopped on request after saving (EX_TEMPFAIL: try again later).
 WORKER_EXIT_STOPPED = 75
@@ -164,6 +164,8 @@ def _train(ctx: WorkerContext, run: RunFile, started: float, spare: bool) -> int
         if ctx.rank == 0:  # where startup time goes (docs/benchmarks.md)
             data = {"main_start": started, "imported": time.time(), "spare": spare}
             append_record(ctx.sd.events, Event("worker_imports", run.attempt, time.time(), data))
+        from .callbacks import build_callbacks  # imports transformers: after the stop check
+
         run_exp(args=dict(run.args), callbacks=build_callbacks(ctx))
     except StopRequested as exc:
         print(f"[ft-appliance worker rank {ctx.rank}] {exc}", flush=True)
