@@ -96,6 +96,7 @@ def holder_pid(path: os.PathLike | str) -> int | None:
 
 def hold_tree(sd: StateDir) -> int:
     """A training rank's read lock on tree.lock; kept (never closed) for the life of the process."""
+    sd.root.mkdir(parents=True, exist_ok=True)
     fd = os.open(sd.tree_lock, os.O_RDWR | os.O_CREAT, 0o644)
     fcntl.lockf(fd, fcntl.LOCK_SH)
     return fd
