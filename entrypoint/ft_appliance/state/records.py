@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -96,6 +97,16 @@ def _scalar(value: Any, tp: Any, where: str) -> Any:
     raise RecordError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r:.40}")
 
 
+@functools.cache
+def _fields(cls: type) -> tuple[tuple[str, Any, bool], ...]:
+    """(name, annotation, required) per field; resolved once per class (get_type_hints is slow)."""
+    hints = typing.get_type_hints(cls)
+    return tuple(
+        (f.name, hints[f.name], f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+        for f in dataclasses.fields(cls)
+    )
+
+
 class Record:
     """Base of the typed records: dict round trip with validation."""
 
@@ -103,13 +114,12 @@ class Record:
     def from_dict(cls: type[R], data: Any) -> R:
         if not isinstance(data, dict):
             raise RecordError(f"expected an object, got {type(data).__name__}")
-        hints = typing.get_type_hints(cls)
         values = {}
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-            if f.name in data:
-                values[f.name] = _check(data[f.name], hints[f.name], f.name)
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise RecordError(f"{f.name}: missing")
+        for name, tp, required in _fields(cls):
+            if name in data:
+                values[name] = _check(data[name], tp, name)
+            elif required:
+                raise RecordError(f"{name}: missing")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
