@@ -305,8 +305,8 @@ def test_a_spare_leaves_when_its_supervisor_is_gone(tmp_path: Path) -> None:
         env={**os.environ, "FT_SUPERVISOR_PID": str(supervisor.pid)},
     )
     try:
-        time.sleep(1.0)
-        assert spare.poll() is None  # importing, then waiting for go.json
+        wait_for(lambda: (tmp_path / "ready-rank0").exists(), 120, what="the spare imported the stack")
+        assert spare.poll() is None  # waiting for go.json
         supervisor.kill()
         supervisor.wait()
         assert spare.wait(120) == 75  # WORKER_EXIT_STOPPED, having run nothing
@@ -315,3 +315,55 @@ def test_a_spare_leaves_when_its_supervisor_is_gone(tmp_path: Path) -> None:
         for p in (supervisor, spare):
             if p.poll() is None:
                 p.kill()
+
+
+def test_sigkill_of_the_supervisor_alone_takes_its_quiet_workers_with_it(make_config, tmp_path: Path) -> None:
+    """The OOM killer or `kill -9` of the entrypoint, outside Docker: with disable_tqdm the workers never
+    write to the dead pipe, so only the death signal can stop them. The next start takes over."""
+    cfg = make_config("supervisor-kill", max_steps=3000, save_steps=10, logging_steps=10, disable_tqdm=True)
+    out = output_dir(cfg)
+    sup = start_cli("train", str(cfg), *FAST, log=tmp_path / "log1")
+    wait_for(lambda: last_step(out) >= 25, 180, what="step 25")
+    assert len(worker_ranks(out, 1)) == 2
+    sup.kill()
+    sup.wait()
+    wait_for(lambda: not training_processes(out), 10, what="no training process 10 s after the kill")
+    step_after = last_step(out)
+    time.sleep(2)
+    assert last_step(out) == step_after  # nothing trains on
+    newest = max(marked_steps(out))
+    res = run_cli("train", str(cfg), "max_steps=60", *FAST, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"took over {out}: its last owner, pid {sup.pid}" in res.stdout
+    assert resumed_from(out, 2) == f"checkpoint-{newest}"
+    assert trainer_state(out)["global_step"] == 60
+
+
+def test_a_real_evaluation_longer_than_the_hang_timeout_is_not_a_hang(make_config, demo_root: Path, tmp_path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    examples = json.loads((demo_root / "datasets" / "ft_demo.json").read_text())
+    (data / "train.json").write_text(json.dumps(examples))
+    (data / "eval.json").write_text(json.dumps(examples * 12))  # 3072 examples: seconds of evaluation
+    (data / "dataset_info.json").write_text(
+        json.dumps({"ft_demo": {"file_name": "train.json"}, "ft_eval": {"file_name": "eval.json"}})
+    )
+    cfg = make_config(
+        "long-eval",
+        max_steps=12,
+        save_steps=12,
+        logging_steps=4,
+        dataset_dir=str(data),
+        eval_dataset="ft_eval",
+        eval_strategy="steps",
+        eval_steps=6,
+        per_device_eval_batch_size=1,
+    )
+    out = output_dir(cfg)
+    res = run_cli("train", str(cfg), *FAST, "--hang-timeout", "3", timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert "hang:" not in res.stdout
+    evals = [e for e in trainer_state(out)["log_history"] if "eval_loss" in e]
+    assert [e["step"] for e in evals] == [6, 12]
+    assert max(e["eval_runtime"] for e in evals) > 3  # an evaluation outlasted the hang timeout
+    assert [p.name for p in (out / ".ft" / "attempts").iterdir()] == ["1"]
