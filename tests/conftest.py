@@ -17,6 +17,14 @@ def offline_env(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.update(helpers.offline_env(home))
 
 
+@pytest.fixture(autouse=True)
+def no_gpus_outside_gpu_tests(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU tests mean CPU on any machine: they judge a recorded inventory with no GPU instead of the
+    host's NVML (the only faked part, behind its interface), so a GPU host does not change them."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setenv("FT_GPU_INVENTORY", str(helpers.INVENTORIES / "none.json"))
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A /data-style layout with the tiny Llama and the demo dataset (built once, read-only by convention)."""

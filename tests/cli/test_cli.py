@@ -20,8 +20,9 @@ def test_help_everywhere(command: list[str]) -> None:
 
 def test_help_lists_env_vars_and_exit_codes() -> None:
     out = CliRunner().invoke(cli, ["train", "--help"]).output
-    for var in ("FT_NPROC", "FT_MAX_RESTARTS", "FT_STOP_GRACE_S", "FT_HANG_TIMEOUT_S", "FT_CONFIG", "FT_JSON"):
-        assert var in out or var == "FT_CONFIG"
+    for var in ("FT_NPROC", "FT_MAX_RESTARTS", "FT_STOP_GRACE_S", "FT_HANG_TIMEOUT_S", "FT_JSON"):
+        assert var in out
+    assert "FT_CONFIG" in out  # named in the docstring: Click shows no envvar for an argument
     assert "143" in out and "stopped by SIGTERM" in out
 
 
@@ -79,7 +80,9 @@ def test_no_gpu_and_no_nproc_says_how_to_fix(make_config) -> None:
 def test_nproc_env_mirror_is_validated(make_config) -> None:
     res = run_cli("train", str(make_config()), env={"FT_NPROC": "0"})
     assert res.returncode == 2
-    assert "FT_NPROC" in res.stderr or "--nproc" in res.stderr
+    assert (
+        "Invalid value for '--nproc' / '--gpus' (env var: 'FT_NPROC', 'FT_GPUS'): 0 is not in the range" in res.stderr
+    )
 
 
 def test_status_without_state(tmp_path: Path) -> None:

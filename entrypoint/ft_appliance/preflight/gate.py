@@ -67,9 +67,11 @@ def cache_dir() -> Path:
 def schema_and_templates() -> tuple[dict[str, ArgSpec], dict[str, set[str]]]:
     path = _cache_file()
     data = files.read_json(path) if path else None
-    if isinstance(data, dict) and "schema" in data and "templates" in data:
+    try:
         schema = {k: ArgSpec(k, frozenset(v["kinds"]), tuple(v["choices"])) for k, v in data["schema"].items()}
         return schema, {k: set(v) for k, v in data["templates"].items()}
+    except (TypeError, KeyError, AttributeError):
+        pass  # no cache yet, or a damaged one: read the schema again and rewrite it
     schema, templates = load_schema(), template_tokens()
     if path is not None:
         try:

@@ -30,6 +30,8 @@ from .layout import StateDir, read_record_or_none, write_record
 from .records import Owner
 
 _BUSY = (errno.EACCES, errno.EAGAIN)
+# A file system without POSIX locks (some FUSE and object-store mounts) answers with one of these.
+_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
 # struct flock on Linux x86_64/aarch64: short l_type, short l_whence, (pad), off_t l_start, off_t l_len,
 # pid_t l_pid, (pad)
 _FLOCK = "hhxxxxqqixxxx"
@@ -47,6 +49,8 @@ class RunLock:
     sd: StateDir
     previous: Owner | None
     """The owner record a dead holder left behind (None when the last holder released cleanly)."""
+    enforced: bool = True
+    """False on a file system without POSIX locks: ownership is then not enforced."""
 
     def release(self) -> None:
         if self.fd < 0:
@@ -66,6 +70,8 @@ def acquire(sd: StateDir) -> RunLock:
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
+        if exc.errno in _UNSUPPORTED:
+            return RunLock(fd, sd, read_record_or_none(sd.owner, Owner), enforced=False)
         os.close(fd)
         if exc.errno in _BUSY:
             raise LockBusy(read_record_or_none(sd.owner, Owner)) from None
@@ -98,7 +104,11 @@ def hold_tree(sd: StateDir) -> int:
     """A training rank's read lock on tree.lock; kept (never closed) for the life of the process."""
     sd.root.mkdir(parents=True, exist_ok=True)
     fd = os.open(sd.tree_lock, os.O_RDWR | os.O_CREAT, 0o644)
-    fcntl.lockf(fd, fcntl.LOCK_SH)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH)
+    except OSError as exc:
+        if exc.errno not in _UNSUPPORTED:
+            raise
     return fd
 
 
@@ -114,6 +124,8 @@ def tree_alive(sd: StateDir) -> bool:
     except OSError as exc:
         if exc.errno in _BUSY:
             return True
+        if exc.errno in _UNSUPPORTED:
+            return False
         raise
     finally:
         os.close(fd)
@@ -151,7 +163,12 @@ def own(sd: StateDir, wait_s: float, say: Callable[[str], None]) -> Iterator[Run
         raise RunInUse(in_use_message(sd, busy.owner)) from None
     try:
         p = held.previous
-        if p is not None:
+        if not held.enforced:
+            say(
+                f"warning: the file system of {sd.output_dir} has no POSIX locks: nothing stops a second "
+                "run on this output_dir; make sure only one runs (README: Ownership)"
+            )
+        elif p is not None:
             say(f"took over {sd.output_dir}: its last owner, pid {p.pid} on {p.host} (since {_when(p.since)}), is gone")
         if tree_alive(sd):
             say(f"waiting up to {wait_s:.0f} s for training processes of an earlier supervisor to exit")
