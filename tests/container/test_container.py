@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import REPO, wait_for
+from tests.helpers import REPO, last_step, wait_for
+from tests.helpers import steps as steps_in
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -66,17 +67,6 @@ def container_names(volume: str) -> list[str]:
 
 def mountpoint(volume: str) -> Path:
     return Path(sh("docker", "volume", "inspect", volume, "--format", "{{.Mountpoint}}").stdout.strip())
-
-
-def steps_in(out: Path) -> list[dict]:
-    from ft_appliance.state.files import read_jsonl
-
-    return read_jsonl(out / ".ft" / "steps.jsonl")
-
-
-def last_step(out: Path) -> int:
-    s = steps_in(out)
-    return int(s[-1]["step"]) if s else 0
 
 
 def demo_layout(volume: str, max_steps: int, save_steps: int, name: str) -> tuple[str, Path]:
@@ -186,9 +176,11 @@ def _exit_code(name: str) -> int:
 
 
 def _resumed_from(out: Path, attempt: int) -> str | None:
-    run = json.loads((out / ".ft" / "attempts" / str(attempt) / "run.json").read_text())
-    ckpt = run["args"].get("resume_from_checkpoint")
-    return Path(ckpt).name if ckpt else None
+    from ft_appliance.state.layout import StateDir, read_record
+    from ft_appliance.state.records import RunFile
+
+    run = read_record(StateDir(out).run_file(attempt), RunFile)
+    return Path(run.resume_from).name if run and run.resume_from else None
 
 
 def test_docker_kill_then_start_resumes_from_newest_complete(volume: str) -> None:
@@ -223,6 +215,25 @@ def test_docker_stop_saves_a_checkpoint_with_zero_lost_steps(volume: str) -> Non
     assert _exit_code(name) == 0
     assert _resumed_from(out, 2) == f"checkpoint-{s}"
     assert [r["step"] for r in steps_in(out) if r["attempt"] == 2][0] == s + 1
+
+
+def test_a_second_container_on_a_live_run_is_refused_and_the_first_trains_on(volume: str) -> None:
+    """Two containers on one volume (a `docker run` beside a compose service): both entrypoints run
+    under the same small pid, on different hosts; the kernel's lock on the shared volume decides."""
+    cfg, out = demo_layout(volume, 400, 50, "owned")
+    name = f"{volume}-owner"
+    _detached(volume, name, "train", cfg, "--nproc", "2")
+    wait_for(lambda: last_step(out) >= 5, 180, what="step 5")
+    res = sh(*RUN, "--rm", "-v", f"{volume}:/data", IMAGE, "train", cfg, "--nproc", "2", check=False)
+    assert res.returncode == 10, res.stderr
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "/data/output/owned is in use by a live ft-appliance run (pid" in lines[0]
+    before = last_step(out)
+    wait_for(lambda: last_step(out) > before + 5, 120, what="the first run training on")
+    sh("docker", "stop", "-t", "60", name, timeout=120)
+    assert _exit_code(name) == 143
+    numbers = [r["step"] for r in steps_in(out)]
+    assert numbers == list(range(1, len(numbers) + 1))  # one writer
 
 
 def _compose_file(tmp_path: Path, volume: str, cfg: str) -> Path:
