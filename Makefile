@@ -33,8 +33,8 @@ test: venv ## Run the test suite (real LlamaFactory on CPU; container tests need
 
 .PHONY: lint
 lint: venv ## ruff check and format check
-	$(VENV)/bin/ruff check entrypoint tests
-	$(VENV)/bin/ruff format --check entrypoint tests
+	$(VENV)/bin/ruff check entrypoint tests benchmarks
+	$(VENV)/bin/ruff format --check entrypoint tests benchmarks
 
 .PHONY: soak
 soak: venv ## Crash-resume soak on the demo: random SIGKILLs and SIGTERMs vs an uninterrupted run
@@ -59,7 +59,7 @@ test-image: ## Build the CPU test image (ft-appliance:test) on a local base and 
 
 .PHONY: run
 run: ## Run the image on every GPU with $(DATA) as /data
-	docker run --rm --gpus all --init --ipc host -v $(DATA):/data $(IMAGE)
+	docker run --rm --gpus all --ipc host -v $(DATA):/data $(IMAGE)
 
 .PHONY: clean
 clean: ## Remove the venv, the demo and caches (never touches $(DATA))
