@@ -97,14 +97,12 @@ def maybe_autotune(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutd
     return replace(plan, args={**plan.args, **updates})
 
 
-def train(plan: Plan, inventory: Any, opts: RunOptions, echo: Echo) -> RunResult:
+def train(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutdown, echo: Echo) -> RunResult:
     """A finished run is reported before anything else runs; then preflight, ownership, supervision."""
     from .preflight.gate import world_size, write_run_meta
     from .run.loop import Supervisor
     from .state import lock
 
-    shutdown = Shutdown()
-    shutdown.install()
     if is_finished(plan.output_dir):
         echo(
             f"[ft] {plan.output_dir} holds a finished run: nothing to do (results kept as they are; "

@@ -174,6 +174,14 @@ def check(
         deepspeed_exists=ds_exists,
     )
     report.problems[:0] = report_problems
+    if plan.rendezvous.endpoint or plan.rendezvous.nnodes != "1":
+        # Each node's supervisor would number attempts and set checkpoints aside on its own in one
+        # shared state folder (review 2026-12-01, item 2): refused until nodes have one owner per job.
+        report.add(
+            "config.nnodes",
+            f"multi-node runs (--nnodes {plan.rendezvous.nnodes}) are not supported yet: the supervisors of the "
+            "nodes would race over one state folder; train on one node (drop --nnodes/--rdzv-endpoint)",
+        )
     if args.get("enable_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
         report.add(
             "config.liger",

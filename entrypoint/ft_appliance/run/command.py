@@ -81,8 +81,10 @@ def build_launch(
 
 def spare_allowed(plan: Plan) -> bool:
     """A spare needs a restart to serve and a rendezvous of its own: single node only, since the
-    nodes of a multi-node job restart together through their shared rendezvous."""
-    return plan.retry.spare and plan.retry.max_restarts > 0 and not plan.rendezvous.endpoint
+    nodes of a multi-node job restart together through their shared rendezvous. Off from 4 processes
+    on: each idle spare rank holds about 0.5 GB of host memory with CPU torch, and what it holds with
+    CUDA torch is not measured yet."""
+    return plan.retry.spare and plan.retry.max_restarts > 0 and not plan.rendezvous.endpoint and plan.nproc < 4
 
 
 def build_spare(

@@ -54,3 +54,4 @@ def test_spare_only_where_a_single_node_can_restart(tmp_path: Path) -> None:
     assert not spare_allowed(replace(plan, retry=RetryPolicy(max_restarts=0)))  # nothing to take over
     assert not spare_allowed(replace(plan, retry=RetryPolicy(spare=False)))  # --no-spare
     assert not spare_allowed(replace(plan, rendezvous=Rendezvous("2", "head:29400")))  # nodes restart together
+    assert spare_allowed(replace(plan, nproc=3)) and not spare_allowed(replace(plan, nproc=4))  # host memory
