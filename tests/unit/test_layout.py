@@ -25,6 +25,7 @@ PURE_ALLOWED = {
     "re",
     "sys",  # sys.executable, for the command line
     "typing",
+    "ft_appliance.config.args",
     "ft_appliance.config.plan",
     "ft_appliance.errors",
     "ft_appliance.state.records",

@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config.args import cutoff, per_device
 from ..state.records import BLOCKDIAG_ATTENTION, LORA_ADD_IN_GEMM, LORA_INPUTS
 
 GiB = 2**30
@@ -50,9 +51,7 @@ def activation_bytes(config: Mapping[str, Any], tokens: int) -> float:
 def fits_without_checkpointing(
     weights_bytes: float, config: Mapping[str, Any], args: Mapping[str, Any], gpu_bytes: int
 ) -> tuple[bool, float]:
-    per = int(args.get("per_device_train_batch_size", 8) or 8)
-    cutoff = int(args.get("cutoff_len", 2048) or 2048)
-    need = weights_bytes + activation_bytes(config, per * cutoff)
+    need = weights_bytes + activation_bytes(config, per_device(args) * cutoff(args))
     return need <= MEMORY_TARGET * gpu_bytes, need
 
 

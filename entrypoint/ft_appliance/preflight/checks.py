@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config.args import grad_accum, is_full, names, per_device, zero_stage
 from ..errors import EXIT_CONFIG, EXIT_ENVIRONMENT, EXIT_INPUTS, EXIT_PREFLIGHT
 from ..state.records import RunMeta
 from .facts import DatasetFacts, EnvFacts, ModelFacts
@@ -156,7 +157,7 @@ def check_memory(inv: Inventory, model: ModelFacts, args: Mapping[str, Any], wor
     gpu_mem = min(g.memory_total_mib for g in inv.gpus) * 2**20
     need, what = estimate_gpu_bytes(params, args, world)
     if need > 0.95 * gpu_mem:
-        full = args.get("finetuning_type", "lora") in ("full", "freeze")
+        full = is_full(args)
         fix = (
             "use ZeRO-3 (deepspeed: /data/configs/deepspeed/ds_z3_config.json) across more GPUs, or LoRA"
             if full
@@ -198,9 +199,9 @@ def estimate_params(config: Mapping[str, Any]) -> int | None:
 def estimate_gpu_bytes(params: int, args: Mapping[str, Any], world: int) -> tuple[float, str]:
     """Weights and optimizer state per GPU, activations left out (they depend on the batch)."""
     quant = args.get("quantization_bit")
-    full = args.get("finetuning_type", "lora") in ("full", "freeze")
+    full = is_full(args)
     ds = str(args.get("deepspeed") or "")
-    zero3 = "z3" in ds or "zero3" in ds
+    zero3 = zero_stage(args) == 3
     if not full:
         per = 0.5 if quant == 4 else 1.0 if quant == 8 else 2.0
         return params * per, f"{params / 1e9:.1f}B parameters, {'4-bit' if quant == 4 else 'bf16'} base"
@@ -212,7 +213,7 @@ def estimate_gpu_bytes(params: int, args: Mapping[str, Any], world: int) -> tupl
 
 
 def estimate_checkpoint_bytes(params: int, args: Mapping[str, Any], config: Mapping[str, Any]) -> float:
-    full = args.get("finetuning_type", "lora") in ("full", "freeze")
+    full = is_full(args)
     if full:
         return 14.0 * params  # bf16 weights + fp32 Adam moments
     r = int(args.get("lora_rank", 8) or 8)
@@ -266,7 +267,7 @@ def check_env(
         ckpt = estimate_checkpoint_bytes(params, args, model.config or {})
         limit = args.get("save_total_limit")
         kept = int(limit) + 1 if limit else None
-        final = 2.0 * params if args.get("finetuning_type", "lora") in ("full", "freeze") else ckpt / 3
+        final = 2.0 * params if is_full(args) else ckpt / 3
         if env.output_free_bytes < ckpt + final:
             report.add(
                 "env.disk",
@@ -373,26 +374,13 @@ def check_datasets(args: Mapping[str, Any], data: DatasetFacts | None, report: R
         )
         return
     for key in ("dataset", "eval_dataset"):
-        for name in _names(args.get(key)):
+        for name in names(args.get(key)):
             if name not in data.info:
                 near = difflib.get_close_matches(name, list(data.info), n=1)
                 hint = f"did you mean {near[0]!r}?" if near else f"add it to {data.dataset_dir}/dataset_info.json"
                 report.add("data.unknown", f"{key} {name!r} is not in {data.dataset_dir}/dataset_info.json: {hint}")
             elif data.files.get(name):
                 report.add("data.file", f"dataset {name!r}: {data.files[name]}: copy it into {data.dataset_dir}")
-
-
-def dataset_names(args: Mapping[str, Any]) -> list[str]:
-    """Every dataset and eval_dataset name, whether written as "a,b" or as a YAML list."""
-    return [n for key in ("dataset", "eval_dataset") for n in _names(args.get(key))]
-
-
-def _names(value: Any) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, list):
-        return [str(v).strip() for v in value]
-    return [v.strip() for v in str(value).split(",") if v.strip()]
 
 
 # --- config combinations LlamaFactory finds only after loading the model -----------------------
@@ -408,13 +396,13 @@ def check_combinations(args: Mapping[str, Any], report: Report, deepspeed_exists
         report.add("config.dataset", "no dataset is set: set dataset to a name from dataset_info.json")
     if args.get("bf16") and args.get("fp16"):
         report.add("config.precision", "bf16 and fp16 are both true: keep one")
-    if args.get("quantization_bit") and args.get("finetuning_type", "lora") in ("full", "freeze"):
+    if args.get("quantization_bit") and is_full(args):
         report.add(
             "config.quantization",
             "quantization_bit needs finetuning_type: lora (QLoRA); full fine-tuning "
             "of a quantized model is not possible",
         )
-    if args.get("quantization_bit") and args.get("deepspeed") and "z3" in str(args.get("deepspeed")):
+    if args.get("quantization_bit") and zero_stage(args) == 3:
         report.add(
             "config.quantization",
             "QLoRA (quantization_bit) does not work with DeepSpeed ZeRO-3: use ZeRO-2 or no DeepSpeed",
@@ -444,8 +432,8 @@ def check_combinations(args: Mapping[str, Any], report: Report, deepspeed_exists
 def check_batch(
     args: Mapping[str, Any], world: int, previous: RunMeta | None, keep_effective: bool, report: Report
 ) -> None:
-    per = int(args.get("per_device_train_batch_size", 8) or 8)
-    ga = int(args.get("gradient_accumulation_steps", 1) or 1)
+    per = per_device(args)
+    ga = grad_accum(args)
     report.world_size = world
     report.effective_batch = per * ga * world
     report.notes.append(

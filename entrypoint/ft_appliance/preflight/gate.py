@@ -14,12 +14,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..config.args import dataset_names, grad_accum, per_device
 from ..config.plan import Plan
 from ..errors import PreflightError
 from ..state import files
 from ..state.layout import StateDir, read_record_or_none, write_record
 from ..state.records import RunMeta
-from .checks import SPECIAL_TOKEN_RE, Report, dataset_names, exit_code_for, run_checks
+from .checks import SPECIAL_TOKEN_RE, Report, exit_code_for, run_checks
 from .facts import read_datasets, read_env, read_model
 from .gpus import Inventory, InventorySource, inventory_from_dict
 from .schema import ArgSpec, check_args, load_schema
@@ -114,8 +115,7 @@ def write_run_meta(plan: Plan, world: int) -> None:
         return
     a = plan.args
     ds = a.get("deepspeed")
-    per = int(a.get("per_device_train_batch_size", 8) or 8)
-    ga = int(a.get("gradient_accumulation_steps", 1) or 1)
+    per, ga = per_device(a), grad_accum(a)
     write_record(path, RunMeta(world, per, ga, str(ds) if ds else None))
 
 

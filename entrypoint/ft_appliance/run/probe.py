@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..config.args import grad_accum, per_device
 from ..config.plan import Plan
 from ..errors import ApplianceError, Stopped
 from ..policy.autotune import PROBE_STEPS, TARGET, cache_key, candidates, choose, probe_plan, updates_for
@@ -62,8 +63,7 @@ def autotune(
 ) -> tuple[dict[str, Any], list[str]]:
     """(argument updates, notes); the decision is cached per model, card and settings. `probe` is
     run_probe; tests pass a recorded memory profile of a card instead."""
-    per = int(plan.args.get("per_device_train_batch_size", 8) or 8)
-    ga = int(plan.args.get("gradient_accumulation_steps", 1) or 1)
+    per, ga = per_device(plan.args), grad_accum(plan.args)
     key = cache_key(plan.args, gpu_name, world)
     data = files.read_json(cache)
     cached = data.get(key) if isinstance(data, dict) else None
