@@ -122,11 +122,17 @@ def train(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutdown, echo
         raise Stopped("stopped before training started; start again to train", exc.signum) from None
 
 
-def finish(result: RunResult, json_mode: bool, echo: Echo) -> str | None:
-    """The summary lines; the JSON document for --json (printed by the CLI on stdout)."""
+def train_command(
+    config: Path, overrides: tuple[str, ...], opts: RunOptions, echo: Echo, cpu_fallback: int | None = None
+) -> str | None:
+    """`train` and `demo`: the summary lines, and the JSON document for --json (the CLI prints it)."""
+    shutdown = Shutdown()
+    shutdown.install()  # before anything slow: a stop during preflight ends it before any launch
+    plan, inventory = make_plan(config, overrides, opts, cpu_fallback)
+    result = train(plan, inventory, opts, shutdown, echo)
     for line in summary_lines(result):
         echo(f"[ft] {line}")
-    return json.dumps(result.to_dict(), default=str) if json_mode else None
+    return json.dumps(result.to_dict(), default=str) if opts.json_mode else None
 
 
 def status_target(target: Path | None) -> Path:

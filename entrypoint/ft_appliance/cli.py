@@ -60,13 +60,8 @@ def cli() -> None:
 
 def _run(config: Path, overrides: tuple[str, ...], opts: RunOptions, cpu_fallback: int | None = None) -> None:
     from . import app
-    from .run.signals import Shutdown
 
-    shutdown = Shutdown()
-    shutdown.install()  # before anything slow: a stop during preflight ends it before any launch
-    echo = _echo_to(opts.json_mode)
-    plan, inventory = app.make_plan(config, overrides, opts, cpu_fallback)
-    document = app.finish(app.train(plan, inventory, opts, shutdown, echo), opts.json_mode, echo)
+    document = app.train_command(config, overrides, opts, _echo_to(opts.json_mode), cpu_fallback)
     if document is not None:
         click.echo(document)
 
