@@ -95,6 +95,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path} cannot be read: {exc}") from None
+    _check_shape(path, text)
     try:
         # LlamaFactory loads its YAML with OmegaConf (which, unlike plain PyYAML, reads 2e-4 as a
         # number and resolves ${...}); load it the same way so the worker sees the same values.
@@ -119,12 +120,25 @@ def read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def _check_shape(path: Path, text: str) -> None:
+    """A file that is YAML but not a mapping (`42`, `true`, a line of text) makes OmegaConf assert."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return  # OmegaConf reports it with its line and column
+    if data is not None and not isinstance(data, dict):
+        what = f"the text {data!r:.40}" if isinstance(data, str) else f"a {type(data).__name__} ({data!r:.40})"
+        raise ConfigError(f"config file {path} must be a mapping of LlamaFactory keys (key: value lines), not {what}")
+
+
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """`key=value` strings, typed as LlamaFactory's own CLI types them (OmegaConf dotlist)."""
     for item in items:
         key, sep, _ = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not key=value (for example: max_steps=100)")
+        if not item.partition("=")[2].strip():
+            raise ConfigError(f"override {item!r} has no value: write {key}=VALUE, or leave it out")
     try:
         parsed = OmegaConf.to_container(OmegaConf.from_dotlist(list(items)), resolve=True)
     except OmegaConfBaseException as exc:
@@ -137,7 +151,10 @@ def resolve_output_dir(args: Mapping[str, Any], workdir: Path) -> Path:
     if not raw or not isinstance(raw, str):
         raise ConfigError("config has no output_dir: set output_dir (for example /data/output/my-run)")
     path = Path(raw)
-    return path if path.is_absolute() else (workdir / path)
+    path = path if path.is_absolute() else (workdir / path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"output_dir {path} is a file, not a directory: set output_dir to a folder (new or a run's)")
+    return path
 
 
 def apply_policy(args: Mapping[str, Any], output_dir: Path) -> tuple[dict[str, Any], list[str]]:

@@ -426,6 +426,54 @@ def check_combinations(args: Mapping[str, Any], report: Report, deepspeed_exists
         )
 
 
+# --- numeric ranges LlamaFactory and transformers never check up front ------------------------
+
+# Keys that must be positive counts or rates -> what they count.
+POSITIVE = {
+    "per_device_train_batch_size": "examples per device per step",
+    "per_device_eval_batch_size": "examples per device per evaluation step",
+    "gradient_accumulation_steps": "micro-batches per optimizer step",
+    "cutoff_len": "tokens per example",
+    "learning_rate": "the learning rate",
+    "num_train_epochs": "epochs",
+    "lora_rank": "the LoRA rank",
+    "logging_steps": "steps between log lines",
+    "preprocessing_num_workers": "tokenisation processes",
+}
+# Beyond this, a step count is a typo (10**30 overflows the Trainer's integer arithmetic).
+MAX_STEPS_LIMIT = 10**9
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def check_values(args: Mapping[str, Any], report: Report) -> None:
+    """Values that type-check but cannot train: zero or negative sizes, rates and step counts."""
+    for key, what in POSITIVE.items():
+        value = _number(args.get(key))
+        if value is not None and value <= 0:
+            report.add("config.value", f"{key} is {args[key]}, but {what} must be positive: set {key} to 1 or more")
+    steps = _number(args.get("max_steps"))
+    if steps is not None and (steps == 0 or steps < -1 or steps > MAX_STEPS_LIMIT):
+        report.add(
+            "config.value",
+            f"max_steps is {args['max_steps']}: set a positive step count up to {MAX_STEPS_LIMIT:,} "
+            "(or -1, or leave it out, to train num_train_epochs)",
+        )
+    for key in ("save_steps", "eval_steps"):
+        value = _number(args.get(key))
+        # transformers reads a value below 1 as a fraction of the run: 0 and negatives are neither.
+        if value is not None and value <= 0:
+            report.add("config.value", f"{key} is {args[key]}: set {key} to 1 or more steps (or a fraction 0 < x < 1)")
+    ratio = _number(args.get("warmup_ratio"))
+    if ratio is not None and not 0 <= ratio < 1:
+        report.add("config.value", f"warmup_ratio is {args['warmup_ratio']}: set a fraction from 0 to below 1")
+    limit = _number(args.get("save_total_limit"))
+    if limit is not None and limit < 1:
+        report.add("config.value", f"save_total_limit is {args['save_total_limit']}: keep at least 1 (or leave it out)")
+
+
 # --- effective batch and GPU-count changes ----------------------------------------------------
 
 
@@ -493,6 +541,7 @@ def run_checks(
     """All checks; inventory None means a CPU run (no GPU checks)."""
     report = Report()
     check_combinations(args, report, deepspeed_exists)
+    check_values(args, report)
     if inventory is None and any(args.get(k) for k in ("bf16", "fp16", "pure_bf16")):
         report.add(
             "config.cpu_precision",

@@ -163,13 +163,24 @@ def read_datasets(names: list[str], dataset_dir: Path) -> DatasetFacts:
                 None if any(k in entry for k in ("hf_hub_url", "ms_hub_url", "om_hub_url")) else ("has no file_name")
             )
             continue
-        target = dataset_dir / entry["file_name"]
-        if not target.exists():
-            files[name] = f"file {target} does not exist"
-        elif target.is_file() and not os.access(target, os.R_OK):
-            files[name] = f"file {target} is not readable"
-        elif target.is_file() and target.stat().st_size == 0:
-            files[name] = f"file {target} is empty"
-        else:
-            files[name] = None
+        files[name] = _dataset_problem(dataset_dir / str(entry["file_name"]), entry)
     return DatasetFacts(dataset_dir, info, None, files)
+
+
+def _dataset_problem(target: Path, entry: dict[str, Any]) -> str | None:
+    from .datasets import FORMATS, check_file
+
+    if not target.exists():
+        return f"file {target} does not exist"
+    if target.is_dir():
+        if target.suffix.lower() in FORMATS:
+            return f"{target} is a folder where a data file should be: point file_name at the file"
+        inside = sorted(p for p in target.iterdir() if p.is_file() and not p.name.startswith("."))
+        if not inside:
+            return f"folder {target} holds no data files"
+        return next((p for f in inside[:3] if (p := check_file(f, entry))), None)
+    if not os.access(target, os.R_OK):
+        return f"file {target} is not readable"
+    if target.stat().st_size == 0:
+        return f"file {target} is empty"
+    return check_file(target, entry)
