@@ -12,6 +12,8 @@ ARG VARIANT=gpu
 FROM ${BASE_IMAGE} AS builder
 ARG VARIANT
 ARG TORCH_INDEX_URL=
+# Optional packages some LlamaFactory configs need (preflight names them): EXTRAS="wandb galore".
+ARG EXTRAS=
 ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
 RUN if ! python3 -m venv /tmp/probe >/dev/null 2>&1; then \
         apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-dev \
@@ -26,7 +28,7 @@ RUN --mount=type=bind,source=build/wheelhouse,target=/wheelhouse \
     if ls /wheelhouse/* >/dev/null 2>&1; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheelhouse; fi; \
     if [ -n "$TORCH_INDEX_URL" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"; fi; \
     pip install --no-deps -r docker/lock/build.txt; \
-    docker/install-stack.sh "$VARIANT"
+    EXTRAS="$EXTRAS" docker/install-stack.sh "$VARIANT"
 COPY pyproject.toml README.md ./
 COPY entrypoint/ entrypoint/
 RUN --mount=type=bind,source=build/wheelhouse,target=/wheelhouse \

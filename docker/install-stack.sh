@@ -15,6 +15,14 @@ pip=(python -m pip install --disable-pip-version-check)
 # 2. Everything else, fully pinned, without a second resolver pass pulling extras.
 DS_BUILD_OPS=0 "${pip[@]}" "$@" --no-deps --no-build-isolation -r "$lock/common.txt"
 
+# 3. Extras the image does not carry by default (EXTRAS="wandb galore", docker/lock/extras/NAME.txt):
+#    each pinned at the top level, its own dependencies resolved under the lock's pins.
+for extra in ${EXTRAS:-}; do
+    file="$lock/extras/$extra.txt"
+    [[ -f "$file" ]] || { echo "unknown extra '$extra': one of $(ls "$lock/extras" | sed 's/\.txt$//' | tr '\n' ' ')" >&2; exit 2; }
+    "${pip[@]}" "$@" -c "$lock/common.txt" -r "$file"
+done
+
 if [[ "$variant" == cpu ]]; then
     # PyPI's torchaudio wheel links CUDA torch libraries; beside a CPU torch its native extension
     # cannot load. Without it torchaudio imports in pure-Python mode, which is all llamafactory's

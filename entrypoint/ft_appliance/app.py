@@ -180,13 +180,22 @@ def health(path: str | None, max_age: float) -> str:
 
 def check(config: Path, overrides: tuple[str, ...], opts: PreflightOptions) -> tuple[str, int]:
     """The preflight report (text or JSON) and the exit code of its first error."""
-    from .preflight.checks import exit_code_for
+    from .errors import PreflightError
+    from .preflight.checks import CPU_ONLY, worst_exit_code
     from .preflight.gate import check as run_check
     from .preflight.gate import describe_inventory, report_dict
+    from .preflight.problems import Problem
 
-    plan, inventory = make_plan(config, overrides, opts)
+    no_gpu = None
+    try:
+        plan, inventory = make_plan(config, overrides, opts)
+    except PreflightError as exc:  # no GPU and no --nproc: one finding, and the config judged anyway
+        no_gpu = Problem("gpu.none", exc.message)
+        plan, inventory = make_plan(config, overrides, opts, cpu_fallback=1)
     result = run_check(plan, inventory, opts.keep_effective_batch, profile=not opts.no_profile)
-    code = exit_code_for(result.report.errors[0]) if result.report.errors else 0
+    if no_gpu is not None:
+        result.report.problems[:] = [no_gpu, *(p for p in result.report.problems if p.check not in CPU_ONLY)]
+    code = worst_exit_code(result.report.problems)
     if opts.json_mode:
         return json.dumps(report_dict(result), indent=1), code
     lines = [

@@ -32,7 +32,7 @@ EXIT_CODES: dict[int, str] = {
     EXIT_TRAINING: "training failed with an error that retrying cannot fix",
     EXIT_RETRIES: "training kept crashing; restarts used up",
     EXIT_CRASH_LOOP: "crash loop: restarts made no progress",
-    EXIT_ENVIRONMENT: "environment: output volume not writable or full, /dev/shm too small",
+    EXIT_ENVIRONMENT: "environment: output volume not writable or full, /dev/shm too small, a package missing",
     EXIT_INPUTS: "inputs: model, tokenizer, template or dataset missing or unusable",
     EXIT_IN_USE: "the output_dir is in use by another live run (its supervisor or its training processes)",
     EXIT_HANGUP: "stopped by SIGHUP after saving a checkpoint; start again to resume",

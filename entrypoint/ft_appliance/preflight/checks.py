@@ -35,6 +35,22 @@ def exit_code_for(problem: Problem) -> int:
     return EXIT_BY_PREFIX.get(problem.check.split(".", 1)[0], EXIT_PREFLIGHT)
 
 
+# The order in which findings block a run, most basic first: a config that cannot be read hides
+# everything after it, and a machine without GPUs is the last thing a laptop check should fail on.
+WORST_FIRST = (EXIT_CONFIG, EXIT_INPUTS, EXIT_ENVIRONMENT, EXIT_PREFLIGHT)
+
+
+def worst_exit_code(problems: list[Problem]) -> int:
+    """`check`'s exit code: its most basic error's (config, then inputs, environment, GPUs); 0 for none."""
+    codes = {exit_code_for(p) for p in problems if p.severity == "error"}
+    return next((c for c in WORST_FIRST if c in codes), 0)
+
+
+# Findings that only make sense for a CPU run: left out when `check` judges a GPU config on a machine
+# without GPUs (a laptop), where the run itself will have them.
+CPU_ONLY = frozenset({"config.cpu_precision", "config.liger"})
+
+
 @dataclass
 class Report:
     problems: list[Problem] = field(default_factory=list)
@@ -331,6 +347,18 @@ def check_model(model: ModelFacts, env: EnvFacts, report: Report) -> None:
             "model.tokenizer",
             f"model directory {model.path} has no tokenizer (tokenizer.json or "
             "tokenizer.model): copy the tokenizer files from the model's repository",
+        )
+    if model.weights_error:
+        report.add(
+            "model.weights",
+            f"model directory {model.path}: {model.weights_error}: copy the weight files again (a download "
+            "or copy was cut short)",
+        )
+    if model.tokenizer_error:
+        report.add(
+            "model.tokenizer",
+            f"model directory {model.path}: {model.tokenizer_error}: copy the tokenizer files from the "
+            "model's repository again",
         )
 
 

@@ -41,6 +41,10 @@ class ModelFacts:
     vocab: frozenset[str] | None = None
     """Every token string the tokenizer knows (from tokenizer.json), or None when unreadable."""
     error: str | None = None
+    weights_error: str | None = None
+    """A weight file that is torn (header, size) or a shard the index names that is missing."""
+    tokenizer_error: str | None = None
+    """The tokenizer does not load (tokenizer.json or tokenizer_config.json broken)."""
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,55 @@ def read_model(name: str, workdir: Path) -> ModelFacts:
     weights = tuple(sorted(f for f in files if f.endswith(WEIGHT_SUFFIXES) and not f.startswith("training_args")))
     tok = tuple(sorted(f for f in files if f in TOKENIZER_FILES))
     vocab = _vocab_of(path / "tokenizer.json") if "tokenizer.json" in files else None
-    return ModelFacts(name, path, config, weights, tok, vocab)
+    return ModelFacts(
+        name, path, config, weights, tok, vocab, None, _weights_problem(path, weights), _tokenizer_problem(path)
+    )
+
+
+def _weights_problem(path: Path, weights: tuple[str, ...]) -> str | None:
+    """Headers and sizes only (no tensor is loaded): torn downloads and missing shards."""
+    from ..state.checkpoints import check_safetensors, check_zip
+
+    for name in weights:
+        f = path / name
+        if name.endswith(".safetensors"):
+            problem = check_safetensors(f)
+        elif name.endswith(".bin"):
+            problem = check_zip(f)
+        else:
+            continue
+        if problem:
+            return problem
+    index = next(
+        (path / n for n in ("model.safetensors.index.json", "pytorch_model.bin.index.json") if (path / n).exists()),
+        None,
+    )
+    if index is None:
+        return None
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        return f"{index.name} is unreadable ({type(exc).__name__})"
+    missing = [s for s in shards if not (path / s).is_file()]
+    return f"shard {missing[0]} named in {index.name} is missing ({len(missing)} of {len(shards)})" if missing else None
+
+
+def _tokenizer_problem(path: Path) -> str | None:
+    """Load the tokenizer as the tokenizers library does, without torch or transformers."""
+    if (path / "tokenizer_config.json").exists():
+        try:
+            json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            return f"tokenizer_config.json is unreadable ({type(exc).__name__})"
+    if not (path / "tokenizer.json").exists():
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as exc:  # noqa: BLE001 - the Rust side raises plain Exception for a broken file
+        return f"tokenizer.json does not load ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
+    return None
 
 
 def read_datasets(names: list[str], dataset_dir: Path) -> DatasetFacts:

@@ -20,9 +20,10 @@ from ..errors import PreflightError
 from ..state import files
 from ..state.layout import StateDir, read_record_or_none, write_record
 from ..state.records import RunMeta
-from .checks import SPECIAL_TOKEN_RE, Report, exit_code_for, run_checks
+from .checks import SPECIAL_TOKEN_RE, Report, exit_code_for, run_checks, worst_exit_code
 from .facts import read_datasets, read_env, read_model
 from .gpus import Inventory, InventorySource, inventory_from_dict
+from .packages import missing_message, needs
 from .schema import ArgSpec, check_args, load_schema
 
 
@@ -174,6 +175,9 @@ def check(
         deepspeed_exists=ds_exists,
     )
     report.problems[:0] = report_problems
+    resume = args.get("resume_from_checkpoint")
+    if isinstance(resume, str) and resume and (why := _resume_problem(resume, plan.workdir)):
+        report.add("model.resume", f"resume_from_checkpoint {resume} {why}: fix the path or remove the key")
     if plan.rendezvous.endpoint or plan.rendezvous.nnodes != "1":
         # Each node's supervisor would number attempts and set checkpoints aside on its own in one
         # shared state folder (review 2026-12-01, item 2): refused until nodes have one owner per job.
@@ -188,11 +192,34 @@ def check(
             "enable_liger_kernel needs liger-kernel, which is not installed here (the GPU "
             "image has it): remove enable_liger_kernel or run on the GPU image",
         )
+    for need in needs(args, model.config):
+        if not _installed(need.dist):
+            report.add("env.package", missing_message(need))
     tweaks: tuple[str, ...] = ()
     if profile and inventory is not None and inventory.count and not report.errors:
         tweaks = apply_profile(report, {**args, **report.updates}, inventory, model.config, world)
     new_plan = replace(plan, args={**plan.args, **report.updates}, notes=(*plan.notes, *report.notes), tweaks=tweaks)
     return GateResult(new_plan, report, inventory)
+
+
+def _installed(dist: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        distribution(dist)
+    except PackageNotFoundError:
+        return False
+    return True
+
+
+def _resume_problem(raw: str, workdir: Path) -> str | None:
+    from ..state.checkpoints import judge
+
+    path = Path(raw) if Path(raw).is_absolute() else workdir / raw
+    if not path.is_dir():
+        return "does not exist" if not path.exists() else "is not a checkpoint folder"
+    complete, reason, _ = judge(path)
+    return None if complete else f"is not a complete checkpoint ({reason})"
 
 
 def apply_profile(
@@ -250,7 +277,7 @@ def report_dict(result: GateResult) -> dict[str, Any]:
     return {
         "config": str(result.plan.config_path),
         "ok": not errors,
-        "exit_code": exit_code_for(errors[0]) if errors else 0,
+        "exit_code": worst_exit_code(errors),
         "inventory": result.inventory.to_dict() if result.inventory else None,
         "nproc": result.plan.nproc,
         "world_size": result.report.world_size,
