@@ -67,6 +67,36 @@ def write_file(rel: str, text: str) -> Callable[[Case], None]:
     return lambda c: (c.data / rel).write_text(text)
 
 
+def write_bytes(rel: str, data: bytes) -> Callable[[Case], None]:
+    return lambda c: (c.data / rel).write_bytes(data)
+
+
+def truncate(rel: str) -> Callable[[Case], None]:
+    def f(c: Case) -> None:
+        p = c.data / rel
+        p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+
+    return f
+
+
+def dataset_entry(**entry: object) -> Callable[[Case], None]:
+    return write_file("datasets/dataset_info.json", json.dumps({"ft_demo": {"file_name": "ft_demo.json", **entry}}))
+
+
+def override(item: str) -> Callable[[Case], None]:
+    return lambda c: c.extra.append(item)
+
+
+def output_is_a_file(c: Case) -> None:
+    (c.root / "afile").write_text("x")
+    c.args["output_dir"] = str(c.root / "afile")
+
+
+def dataset_folder(c: Case) -> None:
+    (c.data / "datasets" / "ft_demo.json").unlink()
+    (c.data / "datasets" / "ft_demo.json").mkdir()
+
+
 def big_model_on(card: str) -> Callable[[Case], None]:
     def f(c: Case) -> None:
         (c.model / "config.json").write_text(json.dumps(LLAMA_8B_CONFIG))
@@ -145,7 +175,42 @@ CORPUS: list[tuple[str, Callable[[Case], None], int, str]] = [
     ("old driver", gpu("a100-old-driver", bf16=True), 4, "supports CUDA up to 12.2 but torch was built for CUDA 13.0"),
     ("fa3 on A100", gpu("a100", flash_attn="fa3", bf16=True), 4, "FlashAttention-3 needs compute capability 9.0"),
     ("8B LoRA on T4", big_model_on("t4"), 4, "use QLoRA (quantization_bit: 4)"),
-]
+    # The config file itself
+    ("bare number", set_text("42\n"), 3, "must be a mapping of LlamaFactory keys (key: value lines), not a int (42)"),
+    ("bare boolean", set_text("true\n"), 3, "not a bool (True)"),
+    ("plain text", set_text("just some text\n"), 3, "not the text 'just some text'"),
+    ("output_dir is a file", output_is_a_file, 3, "is a file, not a directory: set output_dir to a folder"),
+    ("empty override", override("max_steps="), 3, "override 'max_steps=' has no value: write max_steps=VALUE"),
+    # Values that type-check but cannot train
+    ("save_steps 0", upd(save_steps=0), 3, "save_steps is 0: set save_steps to 1 or more steps"),
+    ("negative save_steps", upd(save_steps=-5), 3, "save_steps is -5"),
+    ("cutoff_len 0", upd(cutoff_len=0), 3, "cutoff_len is 0, but tokens per example must be positive"),
+    ("batch size 0", upd(per_device_train_batch_size=0), 3, "per_device_train_batch_size is 0"),
+    ("negative learning rate", upd(learning_rate=-1e-4), 3, "learning_rate is -0.0001, but the learning rate must"),
+    ("max_steps 10**30", upd(max_steps=10**30), 3, "set a positive step count up to 1,000,000,000"),
+    ("negative accumulation", upd(gradient_accumulation_steps=-1), 3, "gradient_accumulation_steps is -1"),
+    ("resume from nowhere", upd(resume_from_checkpoint="/nowhere/checkpoint-5"), 9, "/nowhere/checkpoint-5 does not exist"),
+    # What training will read
+    ("dataset invalid json", write_file("datasets/ft_demo.json", '[{"instruction": "a" "output": "b"}]'), 9, "is not valid JSON (line 1, column 22"),
+    ("dataset []", write_file("datasets/ft_demo.json", "[]"), 9, "ft_demo.json has no examples"),
+    ("dataset latin-1", write_bytes("datasets/ft_demo.json", '[{"instruction": "café", "output": "b"}]'.encode("latin-1")), 9, "is not UTF-8 (line 1, byte 21)"),
+    ("dataset columns", dataset_entry(columns={"prompt": "question", "response": "answer"}), 9, "example 1: no column 'question' (the prompt column"),
+    ("dataset sharegpt on alpaca data", dataset_entry(formatting="sharegpt"), 9, "no column 'conversations' (the messages column"),
+    ("dataset folder for a file", dataset_folder, 9, "ft_demo.json is a folder where a data file should be"),
+    ("dataset list skips nothing", lambda c: (c.args.update(dataset=["ft_demo"]), rm("datasets/ft_demo.json")(c)), 9, "ft_demo.json does not exist"),
+    ("truncated weights", truncate("models/tiny-llama/model.safetensors"), 9, "model.safetensors is truncated"),
+    ("broken tokenizer.json", write_file("models/tiny-llama/tokenizer.json", '{"model": {"type": "BPE", "vocab": '), 9, "tokenizer.json does not load"),
+    # Packages the image lacks (LlamaFactory's own example configs use them)
+    ("wandb", upd(report_to="wandb"), 8, 'report_to: wandb needs the wandb package, which this installation lacks: rebuild the image with --build-arg EXTRAS="wandb"'),
+    ("galore", upd(use_galore=True), 8, "use_galore needs the galore-torch package"),
+    ("apollo", upd(use_apollo=True), 8, "use_apollo needs the apollo-torch package"),
+    ("badam", upd(use_badam=True), 8, "use_badam needs the badam package"),
+    ("adam-mini", upd(use_adam_mini=True), 8, "use_adam_mini needs the adam-mini package"),
+    ("qlora", upd(quantization_bit=4), 8, "quantization_bit (bnb) needs the bitsandbytes package"),
+    ("mixture of depths", upd(mixture_of_depths="convert"), 8, "mixture_of_depths needs the mixture-of-depth package"),
+]  # fmt: skip
+# Cases about a CPU run: `check` judges them as one (with --nproc).
+CPU_RUN = {"bf16 on a CPU run", "liger not installed"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -168,9 +233,35 @@ def test_broken_input(demo_root: Path, tmp_path: Path, name: str, breakage, code
     assert not (tmp_path / "out" / ".ft" / "attempts").exists()  # nothing was launched
 
 
+@pytest.mark.parametrize(("name", "breakage", "code", "needle"), CORPUS, ids=[c[0] for c in CORPUS])
+def test_check_reports_it_too_without_nproc(demo_root: Path, tmp_path: Path, name: str, breakage, code, needle) -> None:
+    """`check` on a machine without GPUs (the autouse no-GPU inventory) and without --nproc: the finding
+    is among the report's lines and decides the exit code; no traceback, nothing launched."""
+    case = Case(tmp_path, demo_root)
+    breakage(case)
+    cfg = case.write()
+    cpu_default = case.extra[:2] == ["--nproc", "2"] and name not in CPU_RUN
+    extra = case.extra[2:] if cpu_default else case.extra
+    res = CliRunner().invoke(cli, ["check", str(cfg), *extra])
+    assert res.exit_code == code, res.output
+    assert isinstance(res.exception, SystemExit) or res.exception is None, res.exception
+    assert needle in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out" / ".ft").exists()
+
+
+def test_check_reports_every_finding_at_once(demo_root: Path, tmp_path: Path) -> None:
+    case = Case(tmp_path, demo_root)
+    case.args.update(lerning_rate=1e-4, cutoff_len=0, report_to="wandb", dataset="ft_dmeo")
+    res = CliRunner().invoke(cli, ["check", str(case.write()), "--json"])
+    report = json.loads(res.stdout)
+    found = {p["check"] for p in report["problems"] if p["severity"] == "error"}
+    assert {"gpu.none", "config.unknown_key", "config.value", "env.package", "data.unknown"} <= found
+    assert res.exit_code == report["exit_code"] == 3  # the most basic: the config
+
+
 def test_corpus_covers_every_preflight_exit_code() -> None:
     assert {c[2] for c in CORPUS} == {3, 4, 8, 9}
-    assert len(CORPUS) >= 20
+    assert len(CORPUS) >= 60
 
 
 def test_demo_config_passes_preflight_on_cpu(demo_root: Path, tmp_path: Path) -> None:
