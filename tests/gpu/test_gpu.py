@@ -125,3 +125,15 @@ def test_a_crashed_rank_restarts_on_spare_workers_that_held_no_gpu_memory(tmp_pa
     finally:
         if sup.poll() is None:
             kill_run(sup, out)
+
+
+def test_demo_trains_on_every_visible_gpu(tmp_path: Path) -> None:
+    """`ft-appliance demo` on a GPU host: one process per visible GPU, bf16 where the card has it."""
+    res = run_cli("demo", str(tmp_path / "demo"), "--max-steps", "10", "--save-steps", "5", timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "finished: 10/10 steps" in res.stdout
+    out = tmp_path / "demo" / "output" / "demo-lora"
+    launch = json.loads((out / ".ft" / "attempts" / "1" / "launch.json").read_text())
+    assert launch["argv"][launch["argv"].index("--nproc-per-node") + 1] == str(INV.count)
+    if min(g.compute_capability for g in INV.gpus) >= (8, 0):
+        assert "precision: bf16" in res.stdout
