@@ -2,7 +2,8 @@
 and say what is wrong with it before any worker does: not UTF-8, not parseable, empty, or without the
 columns its dataset_info.json entry maps. The message names the file, the row and the column.
 
-Cost stays small on big datasets: JSON Lines and CSV are read for their first SAMPLE_ROWS rows,
+Cost stays small on big datasets: JSON Lines and CSV are read for their first SAMPLE_ROWS rows (in the
+first 8 MiB),
 Parquet and Arrow only for their schema; a JSON array is parsed whole (LlamaFactory does the same
 at its start), up to FULL_PARSE_BYTES, beyond which only its first rows are decoded.
 """
@@ -44,7 +45,8 @@ def check_file(path: Path, entry: Mapping[str, Any]) -> str | None:
     if kind in ("parquet", "arrow"):
         return _check_columnar(path, kind, required_columns(entry))
     try:
-        raw = path.read_bytes() if path.stat().st_size <= FULL_PARSE_BYTES else _head(path)
+        whole = path.suffix.lower() == ".json" and path.stat().st_size <= FULL_PARSE_BYTES
+        raw = path.read_bytes() if whole else _head(path)  # line formats: the first rows are the sample
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
@@ -54,7 +56,7 @@ def check_file(path: Path, entry: Mapping[str, Any]) -> str | None:
     if kind == "text":
         return None if text.strip() else f"file {path} is empty"
     try:
-        rows = list(_rows(text, kind, path.suffix.lower() == ".jsonl"))
+        rows = list(_rows(text, kind, path.suffix.lower() == ".jsonl", complete=whole or path.suffix != ".json"))
     except ValueError as exc:
         return f"file {path} {exc}"
     if not rows:
@@ -62,17 +64,23 @@ def check_file(path: Path, entry: Mapping[str, Any]) -> str | None:
     return _check_rows(path, rows, required_columns(entry))
 
 
-def _head(path: Path) -> bytes:
+def _head(path: Path, size: int = 8 * 2**20) -> bytes:
+    """The file's first `size` bytes, cut after the last whole line (the whole file when smaller)."""
     with open(path, "rb") as fh:
-        chunk = fh.read(8 * 2**20)
-    return chunk[: chunk.rfind(b"\n") + 1] or chunk
+        chunk = fh.read(size + 1)
+    if len(chunk) <= size:
+        return chunk
+    return chunk[: chunk.rfind(b"\n") + 1] or chunk[:size]
 
 
-def _rows(text: str, kind: str, lines: bool) -> Iterator[Any]:
+def _rows(text: str, kind: str, lines: bool, complete: bool = True) -> Iterator[Any]:
     if kind == "csv":
         yield from _limited(csv.DictReader(io.StringIO(text)))
         return
     stripped = text.lstrip()
+    if not lines and stripped.startswith("[") and not complete:
+        yield from _first_of_array(text)
+        return
     if not lines and stripped.startswith("["):
         try:
             data = json.loads(text)
@@ -88,6 +96,23 @@ def _rows(text: str, kind: str, lines: bool) -> Iterator[Any]:
                 yield json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"is not valid JSON lines (line {number}, column {exc.colno}: {exc.msg})") from None
+
+
+def _first_of_array(head: str) -> Iterator[Any]:
+    """The first examples of a JSON array too big to parse whole (its head only was read)."""
+    decoder = json.JSONDecoder()
+    i, n = head.index("[") + 1, 0
+    while n < SAMPLE_ROWS:
+        while i < len(head) and head[i] in " \t\r\n,":
+            i += 1
+        if i >= len(head) or head[i] == "]":
+            return
+        try:
+            item, i = decoder.raw_decode(head, i)
+        except json.JSONDecodeError:
+            return  # the cut at the end of the head
+        n += 1
+        yield item
 
 
 def _is_json_lines(text: str) -> bool:
