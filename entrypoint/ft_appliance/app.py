@@ -33,8 +33,11 @@ def make_plan(
     from .preflight.gate import recorded_inventory, resolve_gpu_plan
     from .preflight.gpus import read_nvml
 
-    source = recorded_inventory(opts.inventory) if opts.inventory else read_nvml
-    nproc, inventory = resolve_gpu_plan(opts.nproc, source, cpu_fallback)
+    if opts.cpu:  # asked for: the GPUs are not looked at
+        nproc, inventory = opts.nproc or cpu_fallback or 1, None
+    else:
+        source = recorded_inventory(opts.inventory) if opts.inventory else read_nvml
+        nproc, inventory = resolve_gpu_plan(opts.nproc, source, cpu_fallback)
     run = opts if isinstance(opts, RunOptions) else RunOptions()
     plan = build_plan(
         config,

@@ -100,7 +100,8 @@ def demo(directory: Path, max_steps: int, save_steps: int, opts: RunOptions) -> 
     """Build a tiny Llama, a dataset and a config under DIRECTORY and train it (offline).
 
     DIRECTORY (default ./ft-demo) gets the /data layout: configs/, datasets/, models/, output/.
-    Trains on every visible GPU, or with 2 CPU processes where there is none (--nproc to choose).
+    Trains on every visible GPU, or with 2 CPU processes where there is none or with --cpu
+    (--nproc to choose how many).
     Running it again resumes or reports the finished run; delete DIRECTORY/output to train again.
     """
     from .tools.demo import build_demo

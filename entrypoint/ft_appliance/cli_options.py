@@ -19,6 +19,7 @@ from .config.plan import Rendezvous, RetryPolicy, Timeouts
 @dataclass(frozen=True)
 class PreflightOptions:
     nproc: int | None = None
+    cpu: bool = False
     workdir: Path | None = None
     nnodes: str = "1"
     rdzv_endpoint: str | None = None
@@ -69,6 +70,12 @@ PREFLIGHT = [
         type=click.IntRange(min=1),
         envvar=["FT_NPROC", "FT_GPUS"],
         help="Training processes (GPUs) on this node [default: every visible GPU].",
+    ),
+    _opt(
+        "--cpu",
+        is_flag=True,
+        envvar="FT_CPU",
+        help="Train on CPU processes even where GPUs are visible (--nproc of them; 2 for the demo, else 1).",
     ),
     _opt(
         "--workdir",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,17 @@ def test_status_without_state(tmp_path: Path) -> None:
     res = run_cli("status", str(tmp_path))
     assert res.returncode == 3
     assert "no run state" in _one_error_line(res)
+
+
+def test_cpu_is_asked_for_even_on_a_gpu_host(make_config, monkeypatch) -> None:
+    from tests.helpers import INVENTORIES
+
+    monkeypatch.setenv("FT_GPU_INVENTORY", str(INVENTORIES / "h100.json"))  # a recorded GPU host
+    gpu = run_cli("check", str(make_config()), "--json")
+    assert gpu.returncode == 0 and json.loads(gpu.stdout)["inventory"]["count"] >= 1
+    res = run_cli("check", str(make_config()), "--json", env={"FT_CPU": "1"})
+    report = json.loads(res.stdout)
+    assert res.returncode == 0 and report["inventory"] is None and report["nproc"] == 1
 
 
 def test_gpus_is_an_alias_of_nproc_with_its_env_mirror(make_config) -> None:
