@@ -90,14 +90,16 @@ def test_sigkill_of_a_worker_mid_step_restarts_from_newest_complete(make_config,
     assert_no_training_processes(out)
 
 
-def _stop_in_save(out: Path, save_steps: int, max_steps: int) -> int | None:
-    """Freeze the whole tree the moment a new checkpoint directory appears, before its marker.
+def _stop_in_save(out: Path, save_steps: int, max_steps: int, last_file: str | None = None) -> int | None:
+    """Freeze the whole tree the moment a new checkpoint directory appears (or, with last_file, once
+    the Trainer wrote that file into it: where transformers rotates), before its marker.
 
     Returns the step of the checkpoint caught mid-save, or None when every save finished first."""
     for step in range(2 * save_steps, max_steps, save_steps):  # the first save has nothing to fall back on
         ckpt = out / f"checkpoint-{step}"
+        target = ckpt / last_file if last_file else ckpt
         deadline = time.monotonic() + 60
-        while not ckpt.exists():
+        while not target.exists():
             if time.monotonic() > deadline:
                 return None
         procs = training_processes(out)
@@ -367,3 +369,26 @@ def test_a_real_evaluation_longer_than_the_hang_timeout_is_not_a_hang(make_confi
     assert [e["step"] for e in evals] == [6, 12]
     assert max(e["eval_runtime"] for e in evals) > 3  # an evaluation outlasted the hang timeout
     assert [p.name for p in (out / ".ft" / "attempts").iterdir()] == ["1"]
+
+
+def test_save_total_limit_never_leaves_the_run_without_a_whole_checkpoint(make_config, tmp_path: Path) -> None:
+    """The appliance rotates, after the marker: a kill inside a save (or a rotation) leaves the previous
+    checkpoint whole, where transformers would already have deleted it before the new one was marked."""
+    ref_cfg = make_config("rotate-reference", max_steps=40, save_steps=5, logging_steps=5)
+    assert run_cli("train", str(ref_cfg), *FAST, timeout=300).returncode == 0
+    cfg = make_config("rotate", max_steps=40, save_steps=5, logging_steps=5, save_total_limit=1)
+    out = output_dir(cfg)
+    sup = start_cli("train", str(cfg), *FAST, log=tmp_path / "log1")
+    wait_for(lambda: (out / ".ft" / "steps.jsonl").exists(), 120, what="first step")
+    caught = _stop_in_save(out, 5, 40, last_file="trainer_state.json")
+    assert caught is not None, "no save was caught between its last file and its marker"
+    kill_run(sup, out)
+    previous = out / f"checkpoint-{caught - 5}"
+    assert (previous / MARKER).exists()  # still there, and whole: not rotated out before the new mark
+    res = run_cli("train", str(cfg), *FAST, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert resumed_from(out, 2) == previous.name
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-40"]  # save_total_limit held
+    rotated = [e for e in read_jsonl(out / ".ft" / "events.jsonl") if e["event"] == "rotate"]
+    assert rotated and all(len(e["data"]["deleted"]) == 1 for e in rotated)
+    assert max_abs_diff(read_adapter(output_dir(ref_cfg)), read_adapter(out)) == 0.0

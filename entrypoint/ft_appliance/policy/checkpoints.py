@@ -38,6 +38,15 @@ def choose_resume(candidates: Sequence[Candidate]) -> Candidate | None:
     return max((c for c in candidates if c.complete), key=lambda c: c.step, default=None)
 
 
+def to_rotate(candidates: Sequence[Candidate], keep: int, protected: frozenset[Path] = frozenset()) -> list[Candidate]:
+    """save_total_limit, the appliance's way: only marked complete checkpoints count and go, the
+    newest `keep` of them stay (so the newest complete one always does), and a protected one (the
+    Trainer's best model) stays too. Torn ones are not this rule's: the supervisor sets them aside."""
+    complete = sorted((c for c in candidates if c.complete and c.marked), key=lambda c: c.step)
+    old = complete[: max(0, len(complete) - max(1, keep))]
+    return [c for c in old if c.path not in protected]
+
+
 def to_set_aside(candidates: Sequence[Candidate]) -> list[Candidate]:
     """Incomplete checkpoints: the Trainer would pick the newest of them, and a later save of the
     same step would collide with it, so they are moved out of its sight."""

@@ -6,6 +6,7 @@ read back how it ended from the workers' records.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Mapping
@@ -65,6 +66,9 @@ class Attempt:
 
     def choose_checkpoint(self) -> Candidate | None:
         out = self.plan.output_dir
+        for doomed in sorted(out.glob(".deleting-checkpoint-*")):  # a rotation a kill interrupted
+            shutil.rmtree(doomed, ignore_errors=True)
+            self.say(f"finished deleting {doomed.name[len('.deleting-') :]} (rotated out by save_total_limit)")
         found = checkpoints.scan(out)
         for bad in to_set_aside(found):
             moved = checkpoints.set_aside(bad, out)
@@ -80,8 +84,10 @@ class Attempt:
         args = dict(self.plan.args)
         if chosen is not None:
             args["resume_from_checkpoint"] = str(chosen.path)
+        keep = args.pop("save_total_limit", None)  # the worker rotates, after marking (RunFile)
         run_file = self.sd.run_file(self.number)
-        write_record(run_file, RunFile(args, str(self.sd.root), self.number, list(self.plan.tweaks)))
+        run = RunFile(args, str(self.sd.root), self.number, list(self.plan.tweaks), int(keep) if keep else None)
+        write_record(run_file, run)
         self.status.attempt = self.number
         spare = self.pool.take()
         if spare is not None:

@@ -12,7 +12,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from ..policy.checkpoints import Candidate, torn_after_marked
+from ..policy.checkpoints import Candidate, to_rotate, torn_after_marked
 from . import files
 from .layout import MARKER, BadRecord, read_record
 from .records import Marker
@@ -153,6 +153,22 @@ def write_marker(checkpoint: Path, *, step: int, world_size: int) -> None:
     files.fsync_tree(checkpoint)
     marker = Marker(step, world_size, files.list_files(checkpoint, MARKER), time.time())
     files.write_json(checkpoint / MARKER, marker.to_dict())
+
+
+def rotate(output_dir: Path, keep: int, best: str | None = None) -> list[str]:
+    """Delete the complete checkpoints beyond `keep` (save_total_limit), oldest first; returns their
+    names. Runs after the newest checkpoint is marked, so a kill at any moment leaves one whole."""
+    import shutil
+
+    protected = frozenset({Path(best)}) if best else frozenset()
+    gone = []
+    for c in to_rotate(scan(output_dir), keep, protected):
+        # Renamed first: a kill during the delete leaves a name the Trainer and the scan ignore.
+        doomed = c.path.with_name(f".deleting-{c.path.name}")
+        c.path.rename(doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        gone.append(c.path.name)
+    return gone
 
 
 def set_aside(candidate: Candidate, output_dir: Path) -> Path:

@@ -159,6 +159,9 @@ class RunFile(Record):
     state_dir: str
     attempt: int
     tweaks: list[str] = field(default_factory=list)
+    keep_checkpoints: int | None = None
+    """The config's save_total_limit, applied by the worker after each marker (transformers' own
+    rotation deletes before anything can mark the new checkpoint, so it is turned off)."""
 
     @property
     def resume_from(self) -> str | None:

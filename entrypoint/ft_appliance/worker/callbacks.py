@@ -160,6 +160,10 @@ class MarkerCallback(TrainerCallback):
         if self.ctx.rank == 0 and ckpt.is_dir():
             checkpoints.write_marker(ckpt, step=state.global_step, world_size=args.world_size)
             self.ctx.event("save", step=state.global_step, seconds=round(time.monotonic() - self.save_started, 3))
+            if self.ctx.keep_checkpoints:
+                gone = checkpoints.rotate(Path(args.output_dir), self.ctx.keep_checkpoints, state.best_model_checkpoint)
+                if gone:
+                    self.ctx.event("rotate", step=state.global_step, deleted=gone)
         if self.ctx.stopping:
             if self.ctx.rank == 0:
                 write_record(

@@ -33,6 +33,7 @@ class WorkerContext:
     stop: StopFlag
     beat: Beat
     tweaks: tuple[str, ...] = ()
+    keep_checkpoints: int | None = None
     stopping: bool = False
     trained: bool = False
     """This attempt finished a step: a failure from now on is a training failure, not a setup one."""

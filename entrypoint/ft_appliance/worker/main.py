@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     sd = StateDir(Path(run.state_dir).parent)
     lock.hold_tree(sd)  # kept until this process exits: a new supervisor waits for every rank to go
     beat = Beat(sd.beat_file(run.attempt) if _rank() == 0 else None, run.attempt, supervisor).start()
-    ctx = WorkerContext(sd, run.attempt, _rank(), stop, beat, tuple(run.tweaks))
+    ctx = WorkerContext(sd, run.attempt, _rank(), stop, beat, tuple(run.tweaks), run.keep_checkpoints)
     return _train(ctx, run, started, spare)
 
 

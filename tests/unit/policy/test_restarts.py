@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from ft_appliance.policy.checkpoints import Candidate, choose_resume, to_set_aside
+from ft_appliance.policy.checkpoints import Candidate, choose_resume, to_rotate, to_set_aside
 from ft_appliance.policy.restarts import Verdict, classify
 from ft_appliance.state.records import AttemptOutcome, WorkerFailure
 
@@ -102,3 +102,23 @@ def test_a_stop_ends_the_stuck_chain() -> None:
 def test_outcomes_saved_by_earlier_supervisors_read_back() -> None:
     o = out(4, 1, start=20, last=20, failure=WorkerFailure("OSError", "x", "setup", 1, ("OSError", "Exception")))
     assert AttemptOutcome.from_dict(o.to_dict()) == o
+
+
+def marked(step: int, complete: bool = True) -> Candidate:
+    return Candidate(Path(f"/o/checkpoint-{step}"), step, complete, "" if complete else "torn", marked=True)
+
+
+@pytest.mark.parametrize(
+    ("cands", "keep", "protected", "deleted"),
+    [
+        ([marked(5), marked(10), marked(15)], 1, (), [5, 10]),
+        ([marked(5), marked(10), marked(15)], 2, (), [5]),
+        ([marked(5), marked(10)], 0, (), [5]),  # the newest complete one always stays
+        ([marked(5), marked(10), marked(15, complete=False)], 1, (), [5]),  # a torn newest counts for nothing
+        ([cand(5), marked(10), marked(15)], 1, (), [10]),  # unmarked (plain LlamaFactory): left alone
+        ([marked(5), marked(10), marked(15)], 1, ("/o/checkpoint-5",), [10]),  # the best model stays
+    ],
+)
+def test_rotation_deletes_only_older_complete_checkpoints(cands, keep, protected, deleted) -> None:
+    gone = to_rotate(cands, keep, frozenset(Path(p) for p in protected))
+    assert [c.step for c in gone] == deleted
