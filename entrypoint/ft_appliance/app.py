@@ -56,7 +56,7 @@ def preflight(plan: Plan, inventory: Any, opts: PreflightOptions, echo: Echo) ->
     Writes nothing: the run is not owned yet."""
     from .preflight.gate import check, raise_on_errors
 
-    result = check(plan, inventory, opts.keep_effective_batch, profile=not opts.no_profile)
+    result = check(plan, inventory, opts.keep_effective_batch, not opts.no_profile, opts.allow_config_change)
     for p in result.report.problems:
         if p.severity == "warning":
             echo(f"[ft] warning: {p.message}")
@@ -102,7 +102,7 @@ def maybe_autotune(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutd
 
 def train(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutdown, echo: Echo) -> RunResult:
     """A finished run is reported before anything else runs; then preflight, ownership, supervision."""
-    from .preflight.gate import world_size, write_run_meta
+    from .preflight.gate import world_size, write_config_record, write_run_meta
     from .run.loop import Supervisor
     from .state import lock
 
@@ -118,6 +118,7 @@ def train(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutdown, echo
         with lock.own(sd, plan.timeouts.stop_grace_s + 30, lambda m: echo(f"[ft] {m}")):
             shutdown.check()
             write_run_meta(plan, world_size(plan))
+            write_config_record(plan)
             plan = maybe_autotune(plan, inventory, opts, shutdown, echo)
             shutdown.check()
             return Supervisor(plan, echo, shutdown).run()
@@ -195,7 +196,7 @@ def check(config: Path, overrides: tuple[str, ...], opts: PreflightOptions) -> t
     except PreflightError as exc:  # no GPU and no --nproc: one finding, and the config judged anyway
         no_gpu = Problem("gpu.none", exc.message)
         plan, inventory = make_plan(config, overrides, opts, cpu_fallback=1)
-    result = run_check(plan, inventory, opts.keep_effective_batch, profile=not opts.no_profile)
+    result = run_check(plan, inventory, opts.keep_effective_batch, not opts.no_profile, opts.allow_config_change)
     if no_gpu is not None:
         result.report.problems[:] = [no_gpu, *(p for p in result.report.problems if p.check not in CPU_ONLY)]
     code = worst_exit_code(result.report.problems)

@@ -26,6 +26,7 @@ class PreflightOptions:
     rdzv_id: str = "ft-appliance"
     no_profile: bool = False
     keep_effective_batch: bool = False
+    allow_config_change: bool = False
     inventory: Path | None = None
     json_mode: bool = False
 
@@ -111,6 +112,13 @@ PREFLIGHT = [
         envvar="FT_KEEP_EFFECTIVE_BATCH",
         help="When the GPU count differs from the run's start, adjust gradient_accumulation_steps "
         "so per_device x accumulation x processes stays the same.",
+    ),
+    _opt(
+        "--allow-config-change",
+        is_flag=True,
+        envvar="FT_ALLOW_CONFIG_CHANGE",
+        help="Resume even though settings changed since the run's checkpoint (a changed model, method or "
+        "adapter shape then fails to load; a new learning rate or scheduler does not take effect).",
     ),
     _opt(
         "--inventory",

@@ -206,3 +206,23 @@ def test_training_processes_die_with_torchrun_too(make_config, tmp_path: Path) -
     agent[0].kill()
     wait_for(lambda: not any(p.is_running() and p.status() != "zombie" for p in ranks), 10, what="ranks gone")
     assert sup.wait(60) == 6
+
+
+def test_a_config_changed_between_starts_is_refused_then_allowed(make_config, tmp_path: Path) -> None:
+    cfg = make_config("changed", max_steps=400, save_steps=10)
+    out = output_dir(cfg)
+    env = fake_env(step_s=0.05)
+    sup = start_cli("train", str(cfg), *FAST, log=tmp_path / "log", env=env)
+    wait_for(lambda: last_step(out) >= 15, 60, what="step 15")
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(30) == 143
+    res = run_cli("train", str(cfg), "lora_rank=16", *FAST, env=env, timeout=60)
+    assert res.returncode == 3
+    assert "lora_rank changed from 8 to 16 since this run's checkpoint-" in one_line(res.stderr)
+    assert StateDir(out).attempt_numbers() == [1]  # nothing launched
+    checked = run_cli("check", str(cfg), "lora_rank=16", "learning_rate=0.05", "--nproc", "1", env=env)
+    assert checked.returncode == 3
+    assert "lora_rank changed" in checked.stdout and "learning_rate changed from 0.005 to 0.05" in checked.stdout
+    res = run_cli("train", str(cfg), "max_steps=40", "--allow-config-change", *FAST, env=env, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "max_steps changed from 400 to 40" in res.stdout

@@ -502,6 +502,73 @@ def check_values(args: Mapping[str, Any], report: Report) -> None:
         report.add("config.value", f"save_total_limit is {args['save_total_limit']}: keep at least 1 (or leave it out)")
 
 
+# --- the config changed between starts --------------------------------------------------------
+
+# A checkpoint cannot be loaded with another model, method or adapter shape.
+BREAKS_CHECKPOINT = (
+    "model_name_or_path",
+    "stage",
+    "finetuning_type",
+    "lora_rank",
+    "lora_alpha",
+    "lora_target",
+    "additional_target",
+    "template",
+    "quantization_bit",
+    "quantization_method",
+)
+# On resume the saved optimizer and scheduler state win: LlamaFactory would ignore a new value.
+# Refused too (rather than warned about), since the run would go on as if the change had been made.
+IGNORED_ON_RESUME = ("learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay")
+# Taken, but the resumed run is no longer the one that started: worth a line.
+CHANGES_THE_RUN = (
+    "dataset",
+    "eval_dataset",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "cutoff_len",
+    "packing",
+    "neat_packing",
+    "max_steps",
+    "num_train_epochs",
+    "seed",
+)
+TRACKED = BREAKS_CHECKPOINT + IGNORED_ON_RESUME + CHANGES_THE_RUN
+
+
+def settings_of(args: Mapping[str, Any]) -> dict[str, Any]:
+    """What the config fingerprint records: the tracked keys, as the run trains with them."""
+    return {k: args.get(k) for k in TRACKED}
+
+
+def check_config_change(
+    previous: Mapping[str, Any] | None, args: Mapping[str, Any], resume_step: int | None, allow: bool, report: Report
+) -> None:
+    """Compare with the settings the run last started with; only matters once there is a checkpoint."""
+    if previous is None or resume_step is None:
+        return
+    now = settings_of(args)
+    hard = "error" if not allow else "warning"
+    for key in TRACKED:
+        before, after = previous.get(key), now.get(key)
+        if before == after:
+            continue
+        change = f"{key} changed from {before!r} to {after!r} since this run's checkpoint-{resume_step}"
+        if key in BREAKS_CHECKPOINT:
+            report.add("config.change", f"{change}, which cannot load with it: restore {key}: {before!r}, or use a "
+                       "new output_dir (--allow-config-change if you mean it)", hard)  # fmt: skip
+        elif key in IGNORED_ON_RESUME:
+            report.add("config.change", f"{change}, but the saved optimizer and scheduler state win on resume, so "
+                       f"it would not take effect: restore {key}: {before!r}, or use a new output_dir to train with "
+                       "it (--allow-config-change to resume anyway)", hard)  # fmt: skip
+        else:
+            report.add("config.change", f"{change}: the resumed run trains with the new value", "warning")
+    steps = _number(args.get("max_steps"))
+    if steps is not None and 0 < steps <= resume_step:
+        report.add("config.change", f"max_steps {args['max_steps']} is not beyond this run's checkpoint-{resume_step}: "
+                   "nothing would train; raise max_steps, or use a new output_dir", hard)  # fmt: skip
+
+
 # --- effective batch and GPU-count changes ----------------------------------------------------
 
 

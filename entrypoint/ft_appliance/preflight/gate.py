@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,16 @@ from ..config.plan import Plan
 from ..errors import PreflightError
 from ..state import files
 from ..state.layout import StateDir, read_record_or_none, write_record
-from ..state.records import RunMeta
-from .checks import SPECIAL_TOKEN_RE, Report, exit_code_for, run_checks, worst_exit_code
+from ..state.records import ConfigRecord, RunMeta
+from .checks import (
+    SPECIAL_TOKEN_RE,
+    Report,
+    check_config_change,
+    exit_code_for,
+    run_checks,
+    settings_of,
+    worst_exit_code,
+)
 from .facts import read_datasets, read_env, read_model
 from .gpus import Inventory, InventorySource, inventory_from_dict
 from .packages import missing_message, needs
@@ -144,7 +153,11 @@ def resolve_gpu_plan(
 
 
 def check(
-    plan: Plan, inventory: Inventory | None, keep_effective_batch: bool = False, profile: bool = True
+    plan: Plan,
+    inventory: Inventory | None,
+    keep_effective_batch: bool = False,
+    profile: bool = True,
+    allow_config_change: bool = False,
 ) -> GateResult:
     args = plan.args
     schema, templates = schema_and_templates()
@@ -175,6 +188,18 @@ def check(
         deepspeed_exists=ds_exists,
     )
     report.problems[:0] = report_problems
+    _config_change(plan, report, allow_config_change)
+    _installation_and_layout(plan, model, report)
+    tweaks: tuple[str, ...] = ()
+    if profile and inventory is not None and inventory.count and not report.errors:
+        tweaks = apply_profile(report, {**args, **report.updates}, inventory, model.config, world)
+    new_plan = replace(plan, args={**plan.args, **report.updates}, notes=(*plan.notes, *report.notes), tweaks=tweaks)
+    return GateResult(new_plan, report, inventory)
+
+
+def _installation_and_layout(plan: Plan, model: Any, report: Report) -> None:
+    """Findings about this machine and this deployment rather than the config's values."""
+    args = plan.args
     resume = args.get("resume_from_checkpoint")
     if isinstance(resume, str) and resume and (why := _resume_problem(resume, plan.workdir)):
         report.add("model.resume", f"resume_from_checkpoint {resume} {why}: fix the path or remove the key")
@@ -195,11 +220,22 @@ def check(
     for need in needs(args, model.config):
         if not _installed(need.dist):
             report.add("env.package", missing_message(need))
-    tweaks: tuple[str, ...] = ()
-    if profile and inventory is not None and inventory.count and not report.errors:
-        tweaks = apply_profile(report, {**args, **report.updates}, inventory, model.config, world)
-    new_plan = replace(plan, args={**plan.args, **report.updates}, notes=(*plan.notes, *report.notes), tweaks=tweaks)
-    return GateResult(new_plan, report, inventory)
+
+
+def _config_change(plan: Plan, report: Report, allow: bool) -> None:
+    """The settings the run last started with against these, once it has a checkpoint to resume."""
+    from ..policy.checkpoints import choose_resume
+    from ..state.checkpoints import scan
+
+    previous = read_record_or_none(StateDir(plan.output_dir).config, ConfigRecord)
+    chosen = choose_resume(scan(plan.output_dir)) if previous is not None else None
+    resume_step = chosen.step if chosen is not None else None
+    check_config_change(previous.settings if previous else None, plan.args, resume_step, allow, report)
+
+
+def write_config_record(plan: Plan) -> None:
+    """Recorded at every start that passed preflight: the next start compares against it."""
+    write_record(StateDir(plan.output_dir).config, ConfigRecord(settings_of(plan.args), time.time()))
 
 
 def _installed(dist: str) -> bool:

@@ -4,6 +4,7 @@
     .ft/owner.json                 Owner: who holds it (for the refusal line and takeovers)
     .ft/tree.lock                  POSIX read locks held by every live training rank
     .ft/status.json                StatusRecord        .ft/run-meta.json   RunMeta
+    .ft/config.json                ConfigRecord: the settings the run last started with
     .ft/steps.jsonl                StepRecord lines    .ft/log.jsonl       LogRecord lines
     .ft/events.jsonl               Event lines         .ft/stopped.json    StopRecord
     .ft/completed.json             Completion
@@ -111,6 +112,10 @@ class StateDir:
     @property
     def run_meta(self) -> Path:
         return self.root / "run-meta.json"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "config.json"
 
     @property
     def steps(self) -> Path:

@@ -364,6 +364,14 @@ class RunMeta(Record):
 
 
 @dataclass(frozen=True)
+class ConfigRecord(Record):
+    """.ft/config.json: the settings this run last started with, compared at every later start."""
+
+    settings: dict[str, Any]
+    time: float = 0.0
+
+
+@dataclass(frozen=True)
 class Event(Record):
     """events.jsonl: launches, train begins, saves, tweaks, worker imports (for benchmarks and status).
     The event's own numbers ride in `data`."""
