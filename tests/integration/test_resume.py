@@ -392,3 +392,19 @@ def test_save_total_limit_never_leaves_the_run_without_a_whole_checkpoint(make_c
     rotated = [e for e in read_jsonl(out / ".ft" / "events.jsonl") if e["event"] == "rotate"]
     assert rotated and all(len(e["data"]["deleted"]) == 1 for e in rotated)
     assert max_abs_diff(read_adapter(output_dir(ref_cfg)), read_adapter(out)) == 0.0
+
+
+def test_a_run_without_a_resumable_checkpoint_starts_again_with_its_leftovers_kept(make_config) -> None:
+    """save_strategy "no" killed in its final save: a half-written adapter and no checkpoint, which plain
+    LlamaFactory refuses to start on unless told to overwrite (delete) the folder."""
+    cfg = make_config("no-ckpt", max_steps=10, save_strategy="no")
+    out = output_dir(cfg)
+    out.mkdir(parents=True)
+    (out / "adapter_model.safetensors").write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": ')  # torn
+    (out / "adapter_config.json").write_text("{}")
+    res = run_cli("train", str(cfg), *FAST, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "no resumable checkpoint: set aside what an earlier attempt left" in res.stdout
+    [aside] = (out / "ft-set-aside").iterdir()
+    assert sorted(p.name for p in aside.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert trainer_state(out)["global_step"] == 10 and (out / "adapter_model.safetensors").stat().st_size > 1000

@@ -77,6 +77,12 @@ class Attempt:
         if chosen is not None:
             self.say(f"attempt {self.number}: resuming from {chosen.path.name} (step {chosen.step})")
         else:
+            moved, where = checkpoints.set_aside_leftovers(out)
+            if where is not None:
+                self.say(
+                    f"no resumable checkpoint: set aside what an earlier attempt left ({', '.join(moved)}) "
+                    f"-> {where.relative_to(out)}; training again from scratch"
+                )
             self.say(f"attempt {self.number}: starting from step 0")
         return chosen
 

@@ -171,15 +171,48 @@ def rotate(output_dir: Path, keep: int, best: str | None = None) -> list[str]:
     return gone
 
 
-def set_aside(candidate: Candidate, output_dir: Path) -> Path:
-    """Move a checkpoint under ft-set-aside/ (the Trainer only looks at checkpoint-*); never delete."""
+# What LlamaFactory takes for a trained model in output_dir (extras/constants.py CHECKPOINT_NAMES):
+# with one of them and no checkpoint it refuses to start unless overwrite_output_dir, which deletes.
+FINAL_WEIGHTS = (
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+def set_aside_leftovers(output_dir: Path) -> tuple[list[str], Path | None]:
+    """A start from step 0 on an output_dir an earlier attempt left a final save in (save_strategy
+    "no" killed mid-save, say): move its top-level files under ft-set-aside/, kept, so training can
+    start again. Returns the names moved and where to."""
+    if not output_dir.is_dir() or not any((output_dir / n).is_file() for n in FINAL_WEIGHTS):
+        return [], None
+    target = _aside_name(output_dir, "leftovers", "no-resumable-checkpoint")
+    target.mkdir(parents=True)
+    moved = []
+    for path in sorted(output_dir.iterdir()):
+        if path.is_file():
+            path.rename(target / path.name)
+            moved.append(path.name)
+    return moved, target
+
+
+def _aside_name(output_dir: Path, name: str, reason: str) -> Path:
     target_dir = output_dir / SET_ASIDE_DIR
     target_dir.mkdir(exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", candidate.reason.lower()).strip("-")[:40] or "incomplete"
-    target = target_dir / f"{candidate.path.name}.{slug}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+    slug = re.sub(r"[^a-z0-9]+", "-", reason.lower()).strip("-")[:40] or "incomplete"
+    target = target_dir / f"{name}.{slug}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     n = 1
     while target.exists():
         target = target.with_name(f"{target.name}.{n}")
         n += 1
+    return target
+
+
+def set_aside(candidate: Candidate, output_dir: Path) -> Path:
+    """Move a checkpoint under ft-set-aside/ (the Trainer only looks at checkpoint-*); never delete."""
+    target = _aside_name(output_dir, candidate.path.name, candidate.reason)
     candidate.path.rename(target)
     return target
