@@ -77,6 +77,12 @@ class CrashLoop(ApplianceError):
     exit_code = EXIT_CRASH_LOOP
 
 
+class VolumeFull(ApplianceError):
+    """The output volume filled up; nothing was deleted, and the next start resumes."""
+
+    exit_code = EXIT_ENVIRONMENT
+
+
 class RunInUse(ApplianceError):
     """Another supervisor owns this output_dir, or training processes of an earlier one still live."""
 

@@ -4,6 +4,7 @@ finished runs, SIGTERM, crash loops, hangs, and bit-exact continuation. 2 CPU pr
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -408,3 +409,41 @@ def test_a_run_without_a_resumable_checkpoint_starts_again_with_its_leftovers_ke
     [aside] = (out / "ft-set-aside").iterdir()
     assert sorted(p.name for p in aside.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert trainer_state(out)["global_step"] == 10 and (out / "adapter_model.safetensors").stat().st_size > 1000
+
+
+@pytest.fixture
+def small_volume(tmp_path: Path):
+    """A 96 MiB tmpfs (mounting needs root: CI and the development machines run as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small volume needs root")
+    vol = tmp_path / "vol"
+    vol.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(vol)], check=True)
+    yield vol
+    subprocess.run(["umount", "-l", str(vol)], check=False)
+
+
+def test_a_volume_that_fills_up_ends_in_one_line_and_exit_8_then_resumes(make_config, small_volume, tmp_path) -> None:
+    cfg = make_config("full", max_steps=400, save_steps=10, logging_steps=10, output_dir=str(small_volume / "run"))
+    out = small_volume / "run"
+    sup = start_cli("train", str(cfg), *FAST, log=tmp_path / "log")
+    wait_for(lambda: (out / "checkpoint-10" / MARKER).exists() and last_step(out) >= 13, 180, what="checkpoint-10")
+    ballast = small_volume / "ballast"
+    with open(ballast, "wb") as fh:  # the volume fills up (another job, logs, a dataset cache)
+        try:
+            while True:
+                fh.write(b"\0" * 2**20)
+                fh.flush()
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    assert sup.wait(240) == 8, (tmp_path / "log").read_text()[-3000:]
+    lines = [ln for ln in (tmp_path / "log").read_text().splitlines() if ln.startswith("ft-appliance: ")]
+    assert len(lines) == 1 and "is full (0 MiB free): free space" in lines[0] and "nothing was deleted" in lines[0]
+    assert "Traceback" not in "".join(ln for ln in (tmp_path / "log").read_text().splitlines() if "[ft]" in ln)
+    assert (out / "checkpoint-10" / MARKER).exists()
+    newest = max(marked_steps(out))
+    ballast.unlink()
+    res = run_cli("train", str(cfg), "max_steps=40", *FAST, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert f"resuming from checkpoint-{newest}" in res.stdout
+    assert trainer_state(out)["global_step"] == 40

@@ -18,6 +18,8 @@ class Verdict(str, enum.Enum):
     RETRY = "retry"
     FATAL = "fatal"
     CRASH_LOOP = "crash_loop"
+    NO_SPACE = "no_space"
+    """The output volume is full: no retry can save anything until space is freed."""
 
 
 # Raised before training starts, these mean the inputs are wrong: the same launch fails the same way.
@@ -54,6 +56,8 @@ def classify(outcome: AttemptOutcome, history: Sequence[AttemptOutcome], crash_l
         return Verdict.SUCCESS
     if outcome.stop_requested:
         return Verdict.STOPPED
+    if outcome.disk_full:
+        return Verdict.NO_SPACE
     failure = outcome.failure
     if failure is not None and failure.is_a(RESOURCE_ERRORS):
         return Verdict.FATAL

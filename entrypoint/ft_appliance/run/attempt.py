@@ -37,6 +37,15 @@ from .spare import WarmPool
 from .status import StatusWriter
 
 PROGRESS_LINE_EVERY_S = 30.0
+# Less free space than this on the output volume when an attempt failed: the volume is what failed.
+FULL_BELOW_BYTES = 16 * 2**20
+
+
+def volume_full(output_dir: os.PathLike) -> bool:
+    try:
+        return shutil.disk_usage(output_dir).free < FULL_BELOW_BYTES
+    except OSError:
+        return False
 
 
 @dataclass
@@ -173,6 +182,7 @@ class Attempt:
             stop_requested=bool(stop_sig),
             stopped_cleanly=bool(stopped and stopped.attempt == self.number and stopped.checkpoint),
             completed=bool(completed and completed.attempt == self.number),
+            disk_full=rc != 0 and volume_full(self.plan.output_dir),
         )
 
     def _failures(self) -> list[WorkerFailure]:

@@ -7,6 +7,7 @@ second supervisor, since none can exist.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -14,7 +15,7 @@ from dataclasses import replace
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from ..config.plan import Plan
-from ..errors import CrashLoop, RetriesExhausted, Stopped, TrainingFailed
+from ..errors import CrashLoop, RetriesExhausted, Stopped, TrainingFailed, VolumeFull
 from ..policy.restarts import RESOURCE_ERRORS, Verdict, classify
 from ..state.history import earlier_outcomes, is_finished
 from ..state.layout import StateDir, write_record
@@ -65,6 +66,10 @@ class Supervisor:
             for attempt in retrying:
                 with attempt:
                     self.attempt_once()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise VolumeFull(self._full_message()) from None
         except AttemptFailed as exc:
             self.status.write(RunState.FAILED, verdict=exc.verdict.value)
             raise self.failure_error(exc) from None
@@ -116,6 +121,20 @@ class Supervisor:
             )
         self.status.write(RunState.RESTARTING, next_restart_in_s=wait)
 
+    def _full_message(self) -> str:
+        import shutil
+
+        from ..policy.checkpoints import choose_resume
+        from ..state.checkpoints import scan
+
+        free = shutil.disk_usage(self.plan.output_dir).free / 2**20
+        chosen = choose_resume(scan(self.plan.output_dir))
+        resume = f"resumes from {chosen.path.name}" if chosen else "starts from step 0"
+        return (
+            f"the output volume of {self.plan.output_dir} is full ({free:.0f} MiB free): free space (or lower "
+            f"save_total_limit) and start again; nothing was deleted, and the next start {resume}"
+        )
+
     def failure_error(self, exc: AttemptFailed) -> Exception:
         o = exc.outcome
         log = self.sd.output_log(o.attempt)
@@ -129,6 +148,8 @@ class Supervisor:
                 f"training failed: {describe(o)}{hint}; not retried, since the same "
                 f"inputs fail the same way (log: {log})"
             )
+        if exc.verdict is Verdict.NO_SPACE:
+            return VolumeFull(self._full_message())
         if exc.verdict is Verdict.CRASH_LOOP:
             return CrashLoop(
                 f"crash loop: {self.plan.retry.crash_loop_limit} attempts in a row failed at "

@@ -69,10 +69,13 @@ class TrainingProcess:
         assert self.popen.stdout is not None
         for line in self.popen.stdout:
             with self._switch:
-                self._log.write(line)
-                self._log.flush()
+                try:
+                    self._log.write(line)
+                    self._log.flush()
+                except (OSError, ValueError):
+                    pass  # a full volume (or a log closed under it): the console still gets the line
                 self._echo(line.rstrip("\n"))
-        with self._switch:
+        with self._switch, contextlib.suppress(OSError):
             self._log.close()
 
     def adopt(self, log_path: Path, echo: Callable[[str], None]) -> None:

@@ -147,12 +147,13 @@ def step_of(path: str | None) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def write_marker(checkpoint: Path, *, step: int, world_size: int) -> None:
+def write_marker(checkpoint: Path, *, step: int, world_size: int) -> int:
     """Mark a checkpoint complete: every file made durable first, then its file list and sizes,
-    written last, atomically."""
+    written last, atomically. Returns the checkpoint's size in bytes."""
     files.fsync_tree(checkpoint)
     marker = Marker(step, world_size, files.list_files(checkpoint, MARKER), time.time())
     files.write_json(checkpoint / MARKER, marker.to_dict())
+    return sum(marker.files.values())
 
 
 def rotate(output_dir: Path, keep: int, best: str | None = None) -> list[str]:

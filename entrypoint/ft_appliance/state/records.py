@@ -295,6 +295,8 @@ class AttemptOutcome(Record):
     stop_requested: bool = False
     stopped_cleanly: bool = False
     completed: bool = False
+    disk_full: bool = False
+    """The output volume had no room left when the attempt ended (read by the supervisor)."""
     verdict: str | None = None
 
     @property

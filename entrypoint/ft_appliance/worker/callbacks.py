@@ -12,6 +12,7 @@ order after its own DefaultFlowCallback, so on_step_end already sees should_save
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -148,9 +149,20 @@ class MarkerCallback(TrainerCallback):
     def __init__(self, ctx: WorkerContext) -> None:
         self.ctx = ctx
         self.save_started = time.monotonic()
+        self.last_size = 0
+        """Bytes of the last checkpoint this rank marked (what the next save will roughly need)."""
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
         self.save_started = time.monotonic()
+        if control.should_save and self.ctx.rank == 0 and self.last_size:
+            free = shutil.disk_usage(args.output_dir).free
+            if free < self.last_size:  # the volume fills in the save: say so before, not after
+                print(
+                    f"[ft-appliance worker] warning: {free / 2**20:.0f} MiB free on the output volume, the last "
+                    f"checkpoint took {self.last_size / 2**20:.0f} MiB: the next save may not fit",
+                    flush=True,
+                )
+                self.ctx.event("low_space", step=state.global_step, free=free, needed=self.last_size)
 
     def on_save(self, args, state, control, **kwargs):  # noqa: ANN001
         ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -158,7 +170,7 @@ class MarkerCallback(TrainerCallback):
         if dist is not None:
             dist.barrier()  # every rank has finished writing its part once all pass here
         if self.ctx.rank == 0 and ckpt.is_dir():
-            checkpoints.write_marker(ckpt, step=state.global_step, world_size=args.world_size)
+            self.last_size = checkpoints.write_marker(ckpt, step=state.global_step, world_size=args.world_size)
             self.ctx.event("save", step=state.global_step, seconds=round(time.monotonic() - self.save_started, 3))
             if self.ctx.keep_checkpoints:
                 gone = checkpoints.rotate(Path(args.output_dir), self.ctx.keep_checkpoints, state.best_model_checkpoint)
