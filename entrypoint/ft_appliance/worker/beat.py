@@ -21,7 +21,7 @@ from ..state.records import BeatRecord
 QUIET_PHASES = frozenset({"train"})
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -54,7 +54,7 @@ class Beat:
 
     def _run(self) -> None:
         while True:
-            if os.getppid() != self.parent or (self.supervisor_pid > 0 and not _alive(self.supervisor_pid)):
+            if os.getppid() != self.parent or (self.supervisor_pid > 0 and not pid_alive(self.supervisor_pid)):
                 os._exit(137)  # orphaned: the run's owner is gone, so is this rank's reason to be
             if self.path is not None and self.phase not in QUIET_PHASES:
                 self.seq += 1

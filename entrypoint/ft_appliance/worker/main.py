@@ -23,7 +23,7 @@ from typing import Any
 from ..state import lock
 from ..state.layout import BadRecord, StateDir, append_record, read_record, write_record
 from ..state.records import Completion, Event, GoFile, RunFile, StopRecord, WorkerFailure
-from .beat import Beat
+from .beat import Beat, pid_alive
 from .context import StopFlag, StopRequested, WorkerContext
 
 # Exit code of a worker that stopped on request after saving (EX_TEMPFAIL: try again later).
@@ -89,21 +89,11 @@ def wait_for_go(go_file: Path, supervisor_pid: int, stop: StopFlag, poll_s: floa
     """A spare's wait: the run file named in go_file, or None when the supervisor is gone or a stop
     signal came first."""
     while not go_file.exists():
-        if stop.signum or (supervisor_pid > 0 and not _pid_alive(supervisor_pid)):
+        if stop.signum or (supervisor_pid > 0 and not pid_alive(supervisor_pid)):
             return None
         time.sleep(poll_s)
     go = read_record(go_file, GoFile)
     return Path(go.run_file) if go else None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _stopped_early(ctx: WorkerContext) -> int:

@@ -50,15 +50,3 @@ def test_formatting() -> None:
     p = progress([step(1, 5)], [log(1, 5, 1.23456)])
     assert format_progress(p) == "step 5/20 (25%)  loss 1.2346  100 tok/s  1.00 s/step  ETA 0:15"
     assert steps_lost(17, 10) == 7 and steps_lost(None, 0) == 0 and steps_lost(10, 10) == 0
-
-
-def test_last_record_is_read_from_the_end_and_skips_a_torn_line(tmp_path) -> None:
-    from ft_appliance.state.files import append_jsonl, last_jsonl
-
-    path = tmp_path / "steps.jsonl"
-    for n in range(1, 5001):
-        append_jsonl(path, {"step": n, "pad": "x" * 40})
-    with open(path, "a") as fh:
-        fh.write('{"step": 5001, "pa')  # killed mid-write
-    assert last_jsonl(path) == {"step": 5000, "pad": "x" * 40}
-    assert last_jsonl(tmp_path / "missing.jsonl") is None
