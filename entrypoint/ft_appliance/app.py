@@ -112,13 +112,14 @@ def train(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutdown, echo
             f"to train again, choose a new output_dir)"
         )
         return RunResult(RunState.ALREADY_FINISHED, plan.output_dir, artifacts=artifacts(plan.output_dir))
+    as_configured = plan  # the fingerprint compares configs, not the profile's or autotune's choices
     plan = preflight(plan, inventory, opts, echo)
     sd = StateDir(plan.output_dir)
     try:
         with lock.own(sd, plan.timeouts.stop_grace_s + 30, lambda m: echo(f"[ft] {m}")):
             shutdown.check()
             write_run_meta(plan, world_size(plan))
-            write_config_record(plan)
+            write_config_record(as_configured)
             plan = maybe_autotune(plan, inventory, opts, shutdown, echo)
             shutdown.check()
             return Supervisor(plan, echo, shutdown).run()
