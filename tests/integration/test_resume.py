@@ -268,12 +268,13 @@ def test_resumed_run_equals_uninterrupted_run_exactly(make_config, tmp_path: Pat
 
 
 def test_error_retrying_cannot_fix_is_not_retried(make_config, tmp_path: Path) -> None:
-    # A dataset file that exists but is not JSON: preflight sees a readable file, the worker fails
-    # while loading it, before the first step. Retrying would fail the same way.
+    # A JSON Lines file broken past the rows preflight samples: the worker fails while loading it,
+    # before the first step. Retrying would fail the same way.
     data = tmp_path / "bad-data"
     data.mkdir()
-    (data / "dataset_info.json").write_text(json.dumps({"broken": {"file_name": "broken.json"}}))
-    (data / "broken.json").write_text("this is not json {")
+    (data / "dataset_info.json").write_text(json.dumps({"broken": {"file_name": "broken.jsonl"}}))
+    row = json.dumps({"instruction": "Add.", "input": "1 + 2", "output": "3"})
+    (data / "broken.jsonl").write_text("\n".join([row] * 1500 + ["this is not json {"]) + "\n")
     cfg = make_config("fatal", dataset="broken", dataset_dir=str(data))
     out = output_dir(cfg)
     res = run_cli("train", str(cfg), *FAST, timeout=300)
