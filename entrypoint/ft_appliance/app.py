@@ -229,5 +229,12 @@ def soak(directory: Path, config: Path | None, runs: dict[str, int], echo: Echo)
         raise ConfigError(f"{config}: soak needs a fixed max_steps (5 or more) to compare runs")
     (directory / "soak").mkdir(parents=True, exist_ok=True)
     runner = SoakRunner(config, directory / "soak", runs["nproc"], runs["seed"], lambda m: echo(f"[soak] {m}"))
-    report = runner.run(runs["kills"], runs["terms"])
+    faults = {
+        "SIGKILL": runs["kills"],
+        "SIGTERM": runs["terms"],
+        "SIGKILL-supervisor": runs["supervisor_kills"],
+        "second-start": runs["second_starts"],
+        "config-change": runs["config_changes"],
+    }
+    report = runner.run(faults, runs["save_total_limit"] or None)
     return format_table(report), report

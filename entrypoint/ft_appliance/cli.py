@@ -123,6 +123,18 @@ def demo(directory: Path, max_steps: int, save_steps: int, opts: RunOptions) -> 
               show_envvar=True, help="SIGKILLs of the whole process tree (some timed to land in a save).")  # fmt: skip
 @click.option("--terms", type=click.IntRange(min=0), default=2, show_default=True, envvar="FT_SOAK_TERMS",
               show_envvar=True, help="SIGTERMs (graceful stops).")  # fmt: skip
+@click.option("--supervisor-kills", type=click.IntRange(min=0), default=1, show_default=True,
+              envvar="FT_SOAK_SUPERVISOR_KILLS", show_envvar=True,
+              help="SIGKILLs of the supervisor alone (its training processes must follow it).")  # fmt: skip
+@click.option("--second-starts", type=click.IntRange(min=0), default=1, show_default=True,
+              envvar="FT_SOAK_SECOND_STARTS", show_envvar=True,
+              help="Second starts on the live run (refused, exit 10), each followed by a SIGTERM.")  # fmt: skip
+@click.option("--config-changes", type=click.IntRange(min=0), default=1, show_default=True,
+              envvar="FT_SOAK_CONFIG_CHANGES", show_envvar=True,
+              help="Whole-tree SIGKILLs followed by a restart with another lora_rank (refused, exit 3).")  # fmt: skip
+@click.option("--save-total-limit", type=click.IntRange(min=0), default=1, show_default=True,
+              envvar="FT_SOAK_SAVE_TOTAL_LIMIT", show_envvar=True,
+              help="save_total_limit of the soaked run, so that kills land in rotations too (0: none).")  # fmt: skip
 @click.option("--seed", type=int, default=0, show_default=True, envvar="FT_SOAK_SEED", show_envvar=True,
               help="Seed of the random kill schedule.")  # fmt: skip
 @click.option("--max-steps", type=click.IntRange(min=5), default=60, show_default=True, envvar="FT_SOAK_MAX_STEPS",
@@ -137,7 +149,9 @@ def soak(directory: Path, config: Path | None, json_mode: bool, **runs: int) -> 
 
     Each SIGKILL takes down the supervisor and every training process (as `docker kill` or a host
     crash would) and a new `ft-appliance train` starts on the same output; each SIGTERM must save
-    and lose no step. Checks: the newest complete checkpoint is always the one resumed, steps lost
+    and lose no step. A supervisor killed alone must take its tree with it within 10 s, a second
+    start on the live run is refused (exit 10), and a restart with a changed lora_rank is refused
+    (exit 3) before the real restart. Checks: the newest complete checkpoint is always the one resumed, steps lost
     per kill never exceed save_steps, the run finishes at max_steps, and the final adapter equals
     the uninterrupted run's. Works in DIRECTORY (default ./ft-soak), which it does not clean.
     """

@@ -27,12 +27,18 @@ from ..state.layout import StateDir, read_record_or_none
 from ..state.records import RunFile
 from .procs import kill_run, training_processes
 
+# What the soak inflicts: whole-tree SIGKILLs (some timed into a save, and with save_total_limit into a
+# rotation), SIGTERMs, SIGKILL of the supervisor alone, a second start on the live run, and a restart
+# with a changed config. GRACEFUL ones end in a SIGTERM and must lose no step.
+FAULTS = ("SIGKILL", "SIGKILL-save", "SIGTERM", "SIGKILL-supervisor", "second-start", "config-change")
+GRACEFUL = ("SIGTERM", "second-start")
+
 
 @dataclass
 class SoakEvent:
     number: int
     kind: str
-    """"SIGKILL" (whole tree, mid-step), "SIGKILL-save" (whole tree, during a save) or "SIGTERM"."""
+    """One of FAULTS."""
     at_step: int
     resumed_from: int | None = None
     expected_resume: int | None = None
@@ -90,8 +96,8 @@ class SoakRunner:
         self.failures: list[str] = []
         self.killed_at = 0.0
 
-    def _config_for(self, name: str) -> Path:
-        args = {**self.args, "output_dir": str(self.workdir / name)}
+    def _config_for(self, name: str, **extra: Any) -> Path:
+        args = {**self.args, **extra, "output_dir": str(self.workdir / name)}
         path = self.workdir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(args, sort_keys=False))
         return path
@@ -131,11 +137,14 @@ class SoakRunner:
             time.sleep(0.005)  # short: the save it waits for lasts well under a second on the demo
         return None
 
-    def run(self, kills: int, terms: int) -> SoakReport:
+    def run(self, faults: dict[str, int], save_total_limit: int | None = None) -> SoakReport:
+        """faults: how many of each kind (FAULTS); save_total_limit puts kills inside rotations."""
         ref = self.reference()
         self.failures = []
-        cfg = self._config_for("soak-run")
-        kinds = ["SIGKILL"] * kills + ["SIGTERM"] * terms
+        self.cfg = cfg = self._config_for(
+            "soak-run", **({"save_total_limit": save_total_limit} if save_total_limit else {})
+        )
+        kinds = [k for k, n in faults.items() for _ in range(n)]
         self.rng.shuffle(kinds)
         kinds = [("SIGKILL-save" if k == "SIGKILL" and self.rng.random() < 0.4 else k) for k in kinds]
         events: list[SoakEvent] = []
@@ -170,10 +179,10 @@ class SoakRunner:
                 f"expected the newest complete checkpoint {pending.expected_resume}"
             )
         pending.steps_lost = max(0, pending.at_step - (pending.resumed_from or 0))
-        if pending.kind != "SIGTERM" and pending.steps_lost > self.save_steps:
+        if pending.kind not in GRACEFUL and pending.steps_lost > self.save_steps:
             self.failures.append(f"event {pending.number}: lost {pending.steps_lost} steps (> save_steps)")
-        if pending.kind == "SIGTERM" and pending.steps_lost != 0:
-            self.failures.append(f"event {pending.number}: SIGTERM lost {pending.steps_lost} steps")
+        if pending.kind in GRACEFUL and pending.steps_lost != 0:
+            self.failures.append(f"event {pending.number}: {pending.kind} lost {pending.steps_lost} steps")
         if self._wait_step(self.out, sup, (pending.resumed_from or 0) + 1, attempt):
             pending.seconds_to_first_step = round(time.monotonic() - self.killed_at, 1)
 
@@ -194,15 +203,7 @@ class SoakRunner:
                 return None
         event = SoakEvent(number, kind, _last_step(out)[0])
         self.killed_at = time.monotonic()
-        if kind == "SIGTERM":
-            sup.send_signal(signal.SIGTERM)
-            event.exit_code = sup.wait(300)
-            if event.exit_code != 143:
-                self.failures.append(f"event {number}: SIGTERM exit code {event.exit_code}, expected 143")
-            event.at_step, _ = _last_step(out)
-        else:
-            kill_run(sup, out)
-            event.exit_code = -9
+        self._fault(event, sup)
         if leftovers := training_processes(out):
             self.failures.append(f"event {number}: {len(leftovers)} training processes left behind")
         found = checkpoints.scan(out)
@@ -214,6 +215,44 @@ class SoakRunner:
             f"{event.expected_resume}; torn {event.torn_set_aside or 'none'}"
         )
         return event
+
+    def _fault(self, event: SoakEvent, sup: subprocess.Popen) -> None:
+        """Inflict one fault on the live run and check its own expected outcome."""
+        out, n, kind = self.out, event.number, event.kind
+        if kind == "second-start":  # refused in one line while the run trains on, then a graceful stop
+            self._expect(n, self._cli("train", str(self.cfg)), 10, "is in use by a live ft-appliance run")
+        if kind in GRACEFUL:
+            sup.send_signal(signal.SIGTERM)
+            event.exit_code = sup.wait(300)
+            if event.exit_code != 143:
+                self.failures.append(f"event {n}: {kind}: exit code {event.exit_code} after SIGTERM, expected 143")
+            event.at_step, _ = _last_step(out)
+            return
+        if kind == "SIGKILL-supervisor":  # the OOM killer, kill -9 of the entrypoint: its tree must follow
+            sup.kill()
+            sup.wait()
+            deadline = time.monotonic() + 10
+            while training_processes(out) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        else:
+            kill_run(sup, out)
+        event.exit_code = -9
+        if kind == "config-change":  # a restart with another adapter shape: refused, nothing launched
+            before = _attempt_count(out)
+            rank = int(self.args.get("lora_rank", 8)) * 2
+            self._expect(n, self._cli("train", str(self.cfg), f"lora_rank={rank}"), 3, "lora_rank changed from")
+            if _attempt_count(out) != before:
+                self.failures.append(f"event {n}: the changed config launched an attempt")
+
+    def _cli(self, *args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "ft_appliance", *args, "--nproc", str(self.nproc)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    def _expect(self, n: int, res: subprocess.CompletedProcess, code: int, needle: str) -> None:
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        if res.returncode != code or len(lines) != 1 or needle not in lines[0]:
+            got = f"{res.returncode}: {res.stderr[-300:]}"
+            self.failures.append(f"event {n}: expected exit {code} and one line with {needle!r}, got {got}")
 
     def _final(self, ref: Path, events: list[SoakEvent]) -> SoakReport:
         final = read_json(self.out / "trainer_state.json") or {}
