@@ -235,6 +235,7 @@ def soak(directory: Path, config: Path | None, runs: dict[str, int], echo: Echo)
         "SIGKILL-supervisor": runs["supervisor_kills"],
         "second-start": runs["second_starts"],
         "config-change": runs["config_changes"],
+        "hang": runs["hangs"],
     }
     report = runner.run(faults, runs["save_total_limit"] or None)
     return format_table(report), report

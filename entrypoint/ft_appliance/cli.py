@@ -132,6 +132,8 @@ def demo(directory: Path, max_steps: int, save_steps: int, opts: RunOptions) -> 
 @click.option("--config-changes", type=click.IntRange(min=0), default=1, show_default=True,
               envvar="FT_SOAK_CONFIG_CHANGES", show_envvar=True,
               help="Whole-tree SIGKILLs followed by a restart with another lora_rank (refused, exit 3).")  # fmt: skip
+@click.option("--hangs", type=click.IntRange(min=0), default=1, show_default=True, envvar="FT_SOAK_HANGS",
+              show_envvar=True, help="SIGSTOPs of a rank: the supervisor must detect the hang and resume.")  # fmt: skip
 @click.option("--save-total-limit", type=click.IntRange(min=0), default=1, show_default=True,
               envvar="FT_SOAK_SAVE_TOTAL_LIMIT", show_envvar=True,
               help="save_total_limit of the soaked run, so that kills land in rotations too (0: none).")  # fmt: skip

@@ -19,6 +19,7 @@ def test_short_soak_of_every_fault_kind_matches_the_uninterrupted_run(tmp_path: 
     res = run_cli(
         "soak", str(tmp_path / "soak"),
         "--kills", "3", "--terms", "1", "--supervisor-kills", "1", "--second-starts", "1", "--config-changes", "1",
+        "--hangs", "1",
         "--save-total-limit", "1", "--seed", "3", "--max-steps", "60", "--save-steps", "5", "--json",
         timeout=1500,
     )  # fmt: skip
@@ -28,7 +29,7 @@ def test_short_soak_of_every_fault_kind_matches_the_uninterrupted_run(tmp_path: 
     assert report["final_step"] == 60
     assert report["max_abs_diff"] == 0.0
     kinds = [e["kind"] for e in report["events"]]
-    assert len(kinds) == 7 and set(kinds) >= set(FAULTS) - {"SIGKILL", "SIGKILL-save"}
+    assert len(kinds) == 8 and set(kinds) >= set(FAULTS) - {"SIGKILL", "SIGKILL-save"}
     assert {"SIGKILL", "SIGKILL-save"} & set(kinds)
     for e in report["events"]:
         assert e["resumed_from"] == e["expected_resume"]

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 from ..policy.checkpoints import choose_resume, to_set_aside
@@ -25,13 +26,15 @@ from ..state.files import last_jsonl, read_json
 from ..state.history import is_finished
 from ..state.layout import StateDir, read_record_or_none
 from ..state.records import RunFile
-from .procs import kill_run, training_processes
+from .procs import for_each_alive, kill_run, training_processes, worker_ranks
 
 # What the soak inflicts: whole-tree SIGKILLs (some timed into a save, and with save_total_limit into a
 # rotation), SIGTERMs, SIGKILL of the supervisor alone, a second start on the live run, and a restart
-# with a changed config. GRACEFUL ones end in a SIGTERM and must lose no step.
-FAULTS = ("SIGKILL", "SIGKILL-save", "SIGTERM", "SIGKILL-supervisor", "second-start", "config-change")
-GRACEFUL = ("SIGTERM", "second-start")
+# with a changed config, a SIGSTOPped rank (a hang, which the supervisor itself must kill and resume).
+# GRACEFUL ones end in a SIGTERM and must lose no step.
+FAULTS = ("SIGKILL", "SIGKILL-save", "SIGTERM", "SIGKILL-supervisor", "second-start", "config-change", "hang")
+GRACEFUL = ("SIGTERM", "second-start", "hang")
+HANG_TIMEOUT_S = 10
 
 
 @dataclass
@@ -104,6 +107,7 @@ class SoakRunner:
 
     def _start(self, cfg: Path, log: Path) -> subprocess.Popen:
         cmd = [sys.executable, "-m", "ft_appliance", "train", str(cfg), "--nproc", str(self.nproc), "--backoff", "0.5"]
+        cmd += ["--hang-timeout", str(HANG_TIMEOUT_S), "--max-restarts", "1000"]  # the soak ends runs, not budgets
         with open(log, "a") as fh:
             return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -203,7 +207,7 @@ class SoakRunner:
                 return None
         event = SoakEvent(number, kind, _last_step(out)[0])
         self.killed_at = time.monotonic()
-        self._fault(event, sup)
+        self._fault(event, sup, attempt)
         if leftovers := training_processes(out):
             self.failures.append(f"event {number}: {len(leftovers)} training processes left behind")
         found = checkpoints.scan(out)
@@ -216,9 +220,11 @@ class SoakRunner:
         )
         return event
 
-    def _fault(self, event: SoakEvent, sup: subprocess.Popen) -> None:
+    def _fault(self, event: SoakEvent, sup: subprocess.Popen, attempt: int) -> None:
         """Inflict one fault on the live run and check its own expected outcome."""
         out, n, kind = self.out, event.number, event.kind
+        if kind == "hang":
+            self._hang(n, sup, attempt)
         if kind == "second-start":  # refused in one line while the run trains on, then a graceful stop
             self._expect(n, self._cli("train", str(self.cfg)), 10, "is in use by a live ft-appliance run")
         if kind in GRACEFUL:
@@ -243,6 +249,24 @@ class SoakRunner:
             self._expect(n, self._cli("train", str(self.cfg), f"lora_rank={rank}"), 3, "lora_rank changed from")
             if _attempt_count(out) != before:
                 self.failures.append(f"event {n}: the changed config launched an attempt")
+
+    def _hang(self, n: int, sup: subprocess.Popen, attempt: int) -> None:
+        """Freeze one rank: the supervisor must call it a hang, kill the tree, and resume the newest
+        complete checkpoint in an attempt of its own, which trains."""
+        ranks = worker_ranks(self.out, attempt)
+        for_each_alive(ranks[:1], psutil.Process.suspend)
+        chosen = choose_resume(checkpoints.scan(self.out))
+        expected = chosen.step if chosen else None
+        deadline = time.monotonic() + HANG_TIMEOUT_S + 120
+        while not StateDir(self.out).run_file(attempt + 1).exists() and time.monotonic() < deadline:
+            if sup.poll() is not None:
+                break
+            time.sleep(0.2)
+        resumed = _resume_of(self.out, attempt + 1)
+        if resumed != expected:
+            self.failures.append(f"event {n}: after the hang the supervisor resumed {resumed}, expected {expected}")
+        if not self._wait_step(self.out, sup, (resumed or 0) + 1, attempt + 1):
+            self.failures.append(f"event {n}: no step after the hang's restart: see {self.log}")
 
     def _cli(self, *args: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "ft_appliance", *args, "--nproc", str(self.nproc)]
