@@ -188,9 +188,6 @@ class StateDir:
     def go_file(self, k: int) -> Path:
         return self.spare_dir(k) / "go.json"
 
-    def ready_file(self, spare_dir: Path, rank: int) -> Path:
-        return spare_dir / f"ready-rank{rank}"
-
     def new_spare(self) -> int:
         return _new_numbered(self.spares, sorted(int(p.name) for p in self.spares.glob("*") if p.name.isdigit()))
 
@@ -206,5 +203,6 @@ def _new_numbered(parent: Path, taken: list[int]) -> int:
             n += 1
 
 
-def state_of(output_dir: Path) -> StateDir:
-    return StateDir(Path(output_dir))
+def ready_file(go_file: Path, rank: int) -> Path:
+    """spares/K/ready-rankR, beside the spare's go file: the rank has imported the stack."""
+    return go_file.parent / f"ready-rank{rank}"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..state import lock
-from ..state.layout import BadRecord, StateDir, append_record, read_record, write_record
+from ..state.layout import BadRecord, StateDir, append_record, read_record, ready_file, write_record
 from ..state.records import Completion, Event, GoFile, RunFile, StopRecord, WorkerFailure
 from .beat import Beat, pid_alive
 from .context import StopFlag, StopRequested, WorkerContext
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 def _wait_as_spare(go_file: Path, supervisor: int, stop: StopFlag) -> Path | None:
     started = time.time()
     _import_stack()
-    (go_file.parent / f"ready-rank{_rank()}").write_text(f"{time.time() - started:.1f}\n")  # import seconds
+    ready_file(go_file, _rank()).write_text(f"{time.time() - started:.1f}\n")  # import seconds
     return wait_for_go(go_file, supervisor, stop)
 
 
