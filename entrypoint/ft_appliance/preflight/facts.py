@@ -108,21 +108,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
-def _vocab_of(tokenizer_json: Path) -> frozenset[str] | None:
-    try:
-        data = json.loads(tokenizer_json.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    vocab = data.get("model", {}).get("vocab")
-    tokens: set[str] = set()
-    if isinstance(vocab, dict):
-        tokens.update(vocab)
-    elif isinstance(vocab, list):  # unigram: [[piece, score], ...]
-        tokens.update(v[0] for v in vocab if isinstance(v, list) and v)
-    tokens.update(t.get("content", "") for t in data.get("added_tokens", []) if isinstance(t, dict))
-    return frozenset(tokens)
-
-
 def read_model(name: str, workdir: Path) -> ModelFacts:
     path = Path(name)
     if not path.is_absolute():
@@ -141,10 +126,8 @@ def read_model(name: str, workdir: Path) -> ModelFacts:
             return ModelFacts(name, path, error=f"config.json is unreadable ({type(exc).__name__})")
     weights = tuple(sorted(f for f in files if f.endswith(WEIGHT_SUFFIXES) and not f.startswith("training_args")))
     tok = tuple(sorted(f for f in files if f in TOKENIZER_FILES))
-    vocab = _vocab_of(path / "tokenizer.json") if "tokenizer.json" in files else None
-    return ModelFacts(
-        name, path, config, weights, tok, vocab, None, _weights_problem(path, weights), _tokenizer_problem(path)
-    )
+    vocab, tokenizer_error = _load_tokenizer(path)
+    return ModelFacts(name, path, config, weights, tok, vocab, None, _weights_problem(path, weights), tokenizer_error)
 
 
 def _weights_problem(path: Path, weights: tuple[str, ...]) -> str | None:
@@ -175,15 +158,26 @@ def _weights_problem(path: Path, weights: tuple[str, ...]) -> str | None:
     return f"shard {missing[0]} named in {index.name} is missing ({len(missing)} of {len(shards)})" if missing else None
 
 
-def _tokenizer_problem(path: Path) -> str | None:
-    """Load the tokenizer as the tokenizers library does, without torch or transformers."""
+def _load_tokenizer(path: Path) -> tuple[frozenset[str] | None, str | None]:
+    """(every token string, problem): tokenizer.json loaded once, by the tokenizers library alone
+    (no torch, no transformers), which is what proves it loads and what lists its vocabulary."""
     if (path / "tokenizer_config.json").exists():
         try:
             json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            return f"tokenizer_config.json is unreadable ({type(exc).__name__})"
+            return None, f"tokenizer_config.json is unreadable ({type(exc).__name__})"
     if not (path / "tokenizer.json").exists():
-        return None
+        return None, None
+    try:
+        from tokenizers import Tokenizer
+
+        loaded = Tokenizer.from_file(str(path / "tokenizer.json"))
+    except Exception as exc:  # noqa: BLE001 - the Rust side raises plain Exception for a broken file
+        return (
+            None,
+            f"tokenizer.json does not load ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})",
+        )
+    return frozenset(loaded.get_vocab(with_added_tokens=True)), None
     try:
         from tokenizers import Tokenizer
 
