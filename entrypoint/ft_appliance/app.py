@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from .cli_options import PreflightOptions, RunOptions
 from .config.plan import Plan, build_plan, default_config, read_yaml, resolve_output_dir
-from .errors import ApplianceError, ConfigError, StateError, Stopped
+from .errors import ApplianceError, ConfigError, PreflightError, StateError, Stopped
 from .policy.progress import format_progress
 from .run.report import RunResult, artifacts, summary_lines
 from .run.signals import Shutdown, ShutdownRequested
@@ -217,7 +218,7 @@ def check(config: Path, overrides: tuple[str, ...], opts: PreflightOptions) -> t
 
 def soak(directory: Path, config: Path | None, runs: dict[str, int], echo: Echo) -> tuple[list[str], Any]:
     """The soak's table lines and its report; a failed soak raises after the table is printed."""
-    from .tools.soak import SoakRunner, format_table
+    from .tools.soak import SoakRunner, format_table, small_volume
 
     directory = directory.resolve()
     if config is None:
@@ -228,7 +229,6 @@ def soak(directory: Path, config: Path | None, runs: dict[str, int], echo: Echo)
     if not isinstance(args.get("max_steps"), int) or args["max_steps"] < 5:
         raise ConfigError(f"{config}: soak needs a fixed max_steps (5 or more) to compare runs")
     (directory / "soak").mkdir(parents=True, exist_ok=True)
-    runner = SoakRunner(config, directory / "soak", runs["nproc"], runs["seed"], lambda m: echo(f"[soak] {m}"))
     faults = {
         "SIGKILL": runs["kills"],
         "SIGTERM": runs["terms"],
@@ -236,6 +236,17 @@ def soak(directory: Path, config: Path | None, runs: dict[str, int], echo: Echo)
         "second-start": runs["second_starts"],
         "config-change": runs["config_changes"],
         "hang": runs["hangs"],
+        "disk-full": runs["disk_fulls"],
     }
-    report = runner.run(faults, runs["save_total_limit"] or None)
+    with ExitStack() as stack:
+        volume = None
+        if runs["disk_fulls"]:
+            try:  # only the mount is guarded: errors of the soak itself pass through
+                volume = stack.enter_context(small_volume(directory / "soak" / "volume", runs["volume_mib"]))
+            except OSError as exc:
+                raise PreflightError(f"--disk-fulls: {exc}; run as root or pass --disk-fulls 0") from None
+        runner = SoakRunner(
+            config, directory / "soak", runs["nproc"], runs["seed"], lambda m: echo(f"[soak] {m}"), volume
+        )
+        report = runner.run(faults, runs["save_total_limit"] or None)
     return format_table(report), report

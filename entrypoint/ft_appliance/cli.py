@@ -134,6 +134,12 @@ def demo(directory: Path, max_steps: int, save_steps: int, opts: RunOptions) -> 
               help="Whole-tree SIGKILLs followed by a restart with another lora_rank (refused, exit 3).")  # fmt: skip
 @click.option("--hangs", type=click.IntRange(min=0), default=1, show_default=True, envvar="FT_SOAK_HANGS",
               show_envvar=True, help="SIGSTOPs of a rank: the supervisor must detect the hang and resume.")  # fmt: skip
+@click.option("--disk-fulls", type=click.IntRange(min=0), default=0, show_default=True, envvar="FT_SOAK_DISK_FULLS",
+              show_envvar=True, help="Volume fills during training (exit 8 in one line, then a resume once space "
+              "is freed). The soaked run then lives on a tmpfs of --volume-mib (needs root).")  # fmt: skip
+@click.option("--volume-mib", type=click.IntRange(min=32), default=128, show_default=True,
+              envvar="FT_SOAK_VOLUME_MIB", show_envvar=True,
+              help="Size of the tmpfs the soaked run lives on with --disk-fulls.")  # fmt: skip
 @click.option("--save-total-limit", type=click.IntRange(min=0), default=1, show_default=True,
               envvar="FT_SOAK_SAVE_TOTAL_LIMIT", show_envvar=True,
               help="save_total_limit of the soaked run, so that kills land in rotations too (0: none).")  # fmt: skip
@@ -152,10 +158,11 @@ def soak(directory: Path, config: Path | None, json_mode: bool, **runs: int) -> 
     Each SIGKILL takes down the supervisor and every training process (as `docker kill` or a host
     crash would) and a new `ft-appliance train` starts on the same output; each SIGTERM must save
     and lose no step. A supervisor killed alone must take its tree with it within 10 s, a second
-    start on the live run is refused (exit 10), and a restart with a changed lora_rank is refused
-    (exit 3) before the real restart. Checks: the newest complete checkpoint is always the one resumed, steps lost
-    per kill never exceed save_steps, the run finishes at max_steps, and the final adapter equals
-    the uninterrupted run's. Works in DIRECTORY (default ./ft-soak), which it does not clean.
+    start on the live run is refused (exit 10), a restart with a changed lora_rank is refused
+    (exit 3) before the real restart, and a filled volume ends in exit 8 and one line. Checks: the
+    newest complete checkpoint is always the one resumed, steps lost per kill never exceed
+    save_steps, the run finishes at max_steps, and the final adapter equals the uninterrupted
+    run's. Works in DIRECTORY (default ./ft-soak), which it does not clean.
     """
     import json
 

@@ -7,12 +7,15 @@ checks after every event that the next start chose the newest complete checkpoin
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +33,15 @@ from .procs import for_each_alive, kill_run, training_processes, worker_ranks
 
 # What the soak inflicts: whole-tree SIGKILLs (some timed into a save, and with save_total_limit into a
 # rotation), SIGTERMs, SIGKILL of the supervisor alone, a second start on the live run, and a restart
-# with a changed config, a SIGSTOPped rank (a hang, which the supervisor itself must kill and resume).
+# with a changed config, a SIGSTOPped rank (a hang, which the supervisor itself must kill and resume),
+# and a volume that fills up (exit 8 in one line; the next start after space is freed resumes).
 # GRACEFUL ones end in a SIGTERM and must lose no step.
-FAULTS = ("SIGKILL", "SIGKILL-save", "SIGTERM", "SIGKILL-supervisor", "second-start", "config-change", "hang")
+FAULTS = (
+    "SIGKILL", "SIGKILL-save", "SIGTERM", "SIGKILL-supervisor", "second-start", "config-change", "hang", "disk-full",
+)  # fmt: skip
 GRACEFUL = ("SIGTERM", "second-start", "hang")
 HANG_TIMEOUT_S = 10
+FULL_EXIT_WAIT_S = 240
 
 
 @dataclass
@@ -84,8 +91,43 @@ def _resume_of(output_dir: Path, attempt: int) -> int | None:
     return checkpoints.step_of(run.resume_from) if run else None
 
 
+@contextmanager
+def small_volume(path: Path, mib: int) -> Iterator[Path]:
+    """A tmpfs of `mib` MiB at `path` for the soaked run, so that the soak can fill it (needs root);
+    unmounted at the end, which drops the soaked run's files (the reference run stays)."""
+    if os.geteuid() != 0:
+        raise PermissionError("the disk-full fault mounts a small tmpfs for the soaked run, which needs root")
+    path.mkdir(parents=True, exist_ok=True)
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(path)]
+    res = subprocess.run(mount, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise OSError(f"cannot mount a {mib} MiB tmpfs at {path}: {res.stderr.strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(volume: Path) -> Path:
+    """Write a ballast file until the volume is full (another job, logs, a dataset cache); returns it."""
+    ballast = volume / "ballast"
+    with open(ballast, "wb") as fh:
+        try:
+            while True:
+                fh.write(b"\0" * 2**20)
+                fh.flush()
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+    return ballast
+
+
 class SoakRunner:
-    def __init__(self, config: Path, workdir: Path, nproc: int, seed: int, echo: Callable[[str], None]) -> None:
+    def __init__(
+        self, config: Path, workdir: Path, nproc: int, seed: int, echo: Callable[[str], None],
+        volume: Path | None = None,
+    ) -> None:  # fmt: skip
+        """volume: where the soaked run lives when it must be fillable (a small file system of its own)."""
         self.config = config
         self.args = yaml.safe_load(config.read_text())
         self.workdir = workdir
@@ -94,13 +136,15 @@ class SoakRunner:
         self.echo = echo
         self.max_steps = int(self.args["max_steps"])
         self.save_steps = int(self.args.get("save_steps", 500))
-        self.out = workdir / "soak-run"
+        self.volume = volume
+        self.out = (volume or workdir) / "soak-run"
         self.log = workdir / "soak-run.log"
         self.failures: list[str] = []
         self.killed_at = 0.0
 
     def _config_for(self, name: str, **extra: Any) -> Path:
-        args = {**self.args, **extra, "output_dir": str(self.workdir / name)}
+        folder = self.out if name == "soak-run" else self.workdir / name
+        args = {**self.args, **extra, "output_dir": str(folder)}
         path = self.workdir / f"{name}.yaml"
         path.write_text(yaml.safe_dump(args, sort_keys=False))
         return path
@@ -225,6 +269,9 @@ class SoakRunner:
         out, n, kind = self.out, event.number, event.kind
         if kind == "hang":
             self._hang(n, sup, attempt)
+        if kind == "disk-full":
+            self._disk_full(event, sup)
+            return
         if kind == "second-start":  # refused in one line while the run trains on, then a graceful stop
             self._expect(n, self._cli("train", str(self.cfg)), 10, "is in use by a live ft-appliance run")
         if kind in GRACEFUL:
@@ -267,6 +314,28 @@ class SoakRunner:
             self.failures.append(f"event {n}: after the hang the supervisor resumed {resumed}, expected {expected}")
         if not self._wait_step(self.out, sup, (resumed or 0) + 1, attempt + 1):
             self.failures.append(f"event {n}: no step after the hang's restart: see {self.log}")
+
+    def _disk_full(self, event: SoakEvent, sup: subprocess.Popen) -> None:
+        """Fill the run's volume: the supervisor must end in one line and exit 8, deleting nothing;
+        then the space comes back for the next start."""
+        assert self.volume is not None, "disk-full needs the soaked run on a volume of its own"
+        offset = self.log.stat().st_size
+        ballast = fill(self.volume)
+        try:
+            event.exit_code = sup.wait(FULL_EXIT_WAIT_S)
+        except subprocess.TimeoutExpired:
+            event.exit_code = None
+            kill_run(sup, self.out)
+        with open(self.log, "rb") as fh:
+            fh.seek(offset)
+            text = fh.read().decode("utf-8", "replace")
+        lines = [ln for ln in text.splitlines() if ln.startswith("ft-appliance: ")]
+        if event.exit_code != 8 or len(lines) != 1 or "is full" not in lines[0]:
+            self.failures.append(f"event {event.number}: disk-full: exit {event.exit_code}, lines {lines[-3:]}")
+        if "Traceback" in "".join(ln for ln in text.splitlines() if ln.startswith("[ft]")):
+            self.failures.append(f"event {event.number}: disk-full: a traceback among the supervisor's lines")
+        ballast.unlink()
+        event.at_step, _ = _last_step(self.out)
 
     def _cli(self, *args: str) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "ft_appliance", *args, "--nproc", str(self.nproc)]
