@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -149,3 +150,38 @@ def read_adapter(output_dir: Path) -> dict[str, Any]:
 def max_abs_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+
+
+SECRET = "hf_notasecretbutitmustnotleak"
+
+
+class Hook:
+    """A webhook receiver on loopback: answers `fail_first` requests with 503, then 200."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.bodies: list[dict] = []
+        self.requests = 0
+        self.fail_first = fail_first
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                hook.requests += 1
+                if hook.requests <= hook.fail_first:
+                    self.send_response(503)
+                else:
+                    hook.bodies.append(json.loads(body))
+                    self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook?token={SECRET}"
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()  # refused from now on, as a webhook that is down

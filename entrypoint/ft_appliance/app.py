@@ -17,12 +17,11 @@ from typing import Any
 from .cli_options import PreflightOptions, RunOptions
 from .config.plan import Plan, build_plan, default_config, read_yaml, resolve_output_dir
 from .errors import ApplianceError, ConfigError, PreflightError, StateError, Stopped
-from .policy.progress import format_progress
 from .run.report import RunResult, artifacts, summary_lines
 from .run.signals import Shutdown, ShutdownRequested
 from .state.history import is_finished
 from .state.layout import BadRecord, StateDir, read_record
-from .state.records import Heartbeat, RunState, StatusRecord
+from .state.records import Heartbeat, RunState
 
 Echo = Callable[[str], None]
 
@@ -86,6 +85,33 @@ def maybe_init_volume(config: Path) -> None:
     )
 
 
+def export(output_dir: Path, dest: Path | None, checkpoint: str | None, dtype: str, echo: Echo) -> Path:
+    """Plan first (refusals cost nothing), then LlamaFactory's export; its errors become one line."""
+    from .result.export import export as run_export
+    from .result.export import plan_export
+
+    plan = plan_export(output_dir.resolve(), dest.resolve() if dest else None, checkpoint)
+    what = "gathering the ZeRO-3 shards of " if plan.zero3_shards else ""
+    echo(f"[ft] export: {what}{plan.source} -> {plan.dest}")
+    try:
+        return run_export(plan, dtype)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise ApplianceError(f"export failed: {type(exc).__name__}: {exc}") from None
+
+
+def init(root: Path) -> list[str]:
+    """`ft-appliance init [DIR]`: lay out a volume; what it created, one line each (none the second time)."""
+    from .tools.volume import init_volume
+
+    try:
+        created = init_volume(root)
+    except OSError as exc:
+        raise ConfigError(f"{root} is not writable ({exc.strerror}): mount the volume read-write") from None
+    if not created:
+        return [f"{root} is laid out already: nothing changed"]
+    return [f"created {root / name}" for name in created] + [f"next: read {root / 'README.txt'}"]
+
+
 def maybe_autotune(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutdown, echo: Echo) -> Plan:
     """On GPUs with the profile: the largest micro-batch that fits, from short real probes."""
     if inventory is None or opts.no_profile or opts.no_autotune:
@@ -123,9 +149,40 @@ def train(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutdown, echo
             write_config_record(as_configured)
             plan = maybe_autotune(plan, inventory, opts, shutdown, echo)
             shutdown.check()
-            return Supervisor(plan, echo, shutdown).run()
+            return notified(Supervisor(plan, echo, shutdown, metrics_port=opts.metrics_port), echo)
     except ShutdownRequested as exc:
         raise Stopped("stopped before training started; start again to train", exc.signum) from None
+
+
+def notified(sup: Any, echo: Echo) -> RunResult:
+    """Supervise, then tell FT_NOTIFY_URL how it ended (finished, stopped, gave up, crash loop, failed)."""
+    import os
+
+    from .errors import CrashLoop, RetriesExhausted, VolumeFull
+    from .result.notify import Notice, notify
+
+    def tell(event: str, message: str, code: int = 0) -> None:
+        p = sup.status.progress()
+        restarts, _ = sup.status.restarts()
+        notice = Notice(
+            event, str(sup.plan.output_dir), message, p.step if p else None, p.max_steps if p else None,
+            p.loss if p else None, restarts, code,
+        )  # fmt: skip
+        notify(os.environ, notice, lambda m: echo(f"[ft] {m}"))
+
+    try:
+        result = sup.run()
+    except Stopped as exc:
+        tell("stopped", exc.message, exc.exit_code)
+        raise
+    except (CrashLoop, RetriesExhausted, VolumeFull) as exc:
+        tell("crash_loop" if isinstance(exc, CrashLoop) else "gave_up", exc.message, exc.exit_code)
+        raise
+    except ApplianceError as exc:
+        tell("failed", exc.message, exc.exit_code)
+        raise
+    tell("finished", f"finished: {result.step}/{result.max_steps} steps")
+    return result
 
 
 def train_command(
@@ -147,33 +204,33 @@ def status_target(target: Path | None) -> Path:
 
 
 def status(output_dir: Path, json_mode: bool) -> str:
-    from .state.lock import holder_pid
+    """The run's whole story (result/story.py) as lines, or as JSON with the same fields."""
+    from .result.story import read_story, story_lines
 
-    sd = StateDir(output_dir)
     try:
-        st = read_record(sd.status, StatusRecord)
+        story = read_story(output_dir)
     except BadRecord as exc:
         raise StateError(f"{exc}: it is rewritten by the next start; `ft-appliance train` to continue") from None
-    if st is None:
+    if story is None:
         raise ConfigError(f"no run state in {output_dir}: it has not been trained by ft-appliance yet")
-    gone = st.state.live and holder_pid(sd.lock) is None
     if json_mode:
-        return json.dumps({**st.to_dict(), "supervisor_alive": st.state.live and not gone}, indent=1, sort_keys=True)
-    state = st.state.value
-    if gone:
-        state += f" (but its supervisor, pid {st.pid} on {st.host}, is gone: start again to resume)"
-    lines = [f"{state}: {st.output_dir} (restarts {st.restarts}, steps lost {sum(st.steps_lost)})"]
-    if st.progress is not None:
-        lines.append("  " + format_progress(st.progress))
-    return "\n".join(lines)
+        return json.dumps(story.to_dict(), indent=1, sort_keys=True)
+    return "\n".join(story_lines(story))
 
 
-def health(path: str | None, max_age: float) -> str:
+def heartbeat_path(target: Path | None, env_file: str | None) -> Path | None:
+    """An output_dir's own heartbeat (.ft/heartbeat.json), else FT_HEARTBEAT_FILE."""
+    if target is not None:
+        return StateDir(target).heartbeat if target.is_dir() else target
+    return Path(env_file) if env_file else None
+
+
+def health(path: Path | None, max_age: float) -> str:
     """The HEALTHCHECK: fresh heartbeat, or a finished/stopped/failed run; anything else raises."""
-    if not path:
-        raise ApplianceError("no heartbeat: FT_HEARTBEAT_FILE is not set")
+    if path is None:
+        raise ApplianceError("no heartbeat: give the run's output_dir, or set FT_HEARTBEAT_FILE")
     try:
-        beat = read_record(Path(path), Heartbeat)
+        beat = read_record(path, Heartbeat)
     except BadRecord as exc:
         raise StateError(str(exc)) from None
     if beat is None:

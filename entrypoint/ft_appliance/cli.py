@@ -199,31 +199,94 @@ def check(config: Path | None, overrides: tuple[str, ...], opts: PreflightOption
 @cli.command(epilog=EPILOG)
 @click.argument("target", type=click.Path(path_type=Path), envvar="FT_CONFIG", default=None, required=False)
 @click.option("--json", "json_mode", is_flag=True, envvar="FT_JSON", show_envvar=True, help="Print JSON.")
-def status(target: Path | None, json_mode: bool) -> None:
-    """Show the state of a run: TARGET is its output_dir or its config file (FT_CONFIG).
+@click.option(
+    "--watch", "watch", type=click.FloatRange(min=0.5), is_flag=False, flag_value=5.0, default=None,
+    envvar="FT_STATUS_WATCH", show_envvar=True, help="Refresh every N seconds (5 when given alone) until Ctrl-C.",
+)  # fmt: skip
+def status(target: Path | None, json_mode: bool, watch: float | None) -> None:
+    """Tell a run's whole story: TARGET is its output_dir or its config file (FT_CONFIG).
 
-    Says when the supervisor that last wrote a live state is gone (its lock is free).
+    The state (running, restarting, finished, stopped, crashed, gave up, supervisor gone), step/total,
+    the latest loss, tokens/s and ETA, restarts and the steps they lost, every checkpoint with its
+    verdict, and what the run produced. Reads only the folder, so it works on a copy from another
+    machine too.
     """
+    import time
+
     from .app import status as show
     from .app import status_target
 
-    click.echo(show(status_target(target), json_mode))
+    output_dir = status_target(target)
+    while True:
+        text = show(output_dir, json_mode)
+        if watch is None:
+            click.echo(text)
+            return
+        if not json_mode and os.isatty(1):
+            click.clear()
+        click.echo(text)
+        try:
+            time.sleep(watch)
+        except KeyboardInterrupt:
+            return
 
 
 @cli.command(epilog=EPILOG)
+@click.argument("output_dir", type=click.Path(path_type=Path), required=False)
 @click.option(
     "--max-age", type=click.FloatRange(min=1), default=120.0, show_default=True, envvar="FT_HEALTH_MAX_AGE",
     show_envvar=True, help="Seconds a heartbeat stays fresh.",
 )  # fmt: skip
-def health(max_age: float) -> None:
+def health(output_dir: Path | None, max_age: float) -> None:
     """Exit 0 while the supervisor's heartbeat is fresh (the image's HEALTHCHECK).
 
-    Reads FT_HEARTBEAT_FILE. A finished or stopped run counts as healthy; a stale heartbeat means
-    the supervisor itself is stuck (training hangs are handled by the hang watchdog).
+    Reads OUTPUT_DIR's own heartbeat (.ft/heartbeat.json) when given, else FT_HEARTBEAT_FILE. A
+    finished or stopped run counts as healthy; a stale heartbeat means the supervisor itself is
+    stuck (training hangs are handled by the hang watchdog).
     """
     from .app import health as read_health
+    from .app import heartbeat_path
 
-    click.echo(read_health(os.environ.get("FT_HEARTBEAT_FILE"), max_age))
+    click.echo(read_health(heartbeat_path(output_dir, os.environ.get("FT_HEARTBEAT_FILE")), max_age))
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("output_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path), required=False)
+@click.option("--checkpoint", envvar="FT_EXPORT_CHECKPOINT", show_envvar=True,
+              help="Export this checkpoint (checkpoint-N) of an unfinished run.")  # fmt: skip
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              show_default=True, envvar="FT_EXPORT_DTYPE", show_envvar=True,
+              help="Dtype of the exported weights (auto: LlamaFactory decides).")  # fmt: skip
+@click.option("--json", "json_mode", is_flag=True, envvar="FT_JSON", show_envvar=True, help="Print JSON.")
+def export(output_dir: Path, dest: Path | None, checkpoint: str | None, dtype: str, json_mode: bool) -> None:
+    """Merge a run's LoRA adapter into its base model for serving, into DEST [default: OUTPUT_DIR/export].
+
+    Uses LlamaFactory's own export (safetensors shards, tokenizer, chat template). Refuses an
+    unfinished run unless --checkpoint names one, and a DEST that is not empty. A ZeRO-3 checkpoint
+    is gathered into plain weights first. The run itself is left as it is.
+    """
+    import json
+
+    from .app import export as run_export
+
+    out = run_export(output_dir, dest, checkpoint, dtype, _echo_to(json_mode))
+    files = sorted(p.name for p in out.iterdir())
+    click.echo(json.dumps({"export_dir": str(out), "files": files}) if json_mode else f"exported: {out}")
+
+
+@cli.command(epilog=EPILOG)
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path), required=False)
+def init(directory: Path | None) -> None:
+    """Lay out a data volume in DIRECTORY [default: the volume of the default config, /data in the image].
+
+    Creates configs/ (a commented example), datasets/ (dataset_info.json and a tiny example dataset),
+    models/, output/ and README.txt. Never overwrites anything: a second run changes nothing.
+    """
+    from .app import init as lay_out
+
+    for line in lay_out(directory or default_config().parent.parent):
+        click.echo(line)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -44,6 +44,7 @@ class RunOptions(PreflightOptions):
     startup_timeout: float = 3600.0
     no_spare: bool = False
     no_autotune: bool = False
+    metrics_port: int | None = None
 
     def retry(self) -> RetryPolicy:
         # The backoff doubles from --backoff up to a minute (or --backoff itself when larger).
@@ -196,6 +197,13 @@ SUPERVISION = [
         is_flag=True,
         envvar="FT_NO_AUTOTUNE",
         help="Do not probe for the largest micro-batch that fits (GPU runs with the profile only).",
+    ),
+    _opt(
+        "--metrics-port",
+        type=click.IntRange(min=1, max=65535),
+        envvar="FT_METRICS_PORT",
+        help="Serve Prometheus metrics on this port at /metrics [default: off; the textfile "
+        "output_dir/.ft/metrics.prom is always written].",
     ),
 ]
 

@@ -14,7 +14,7 @@ import pytest
 import yaml
 from ft_appliance.state.layout import MARKER, StateDir
 
-from tests.helpers import REPO, last_step, run_cli, start_cli, steps, training_processes, wait_for
+from tests.helpers import REPO, SECRET, Hook, last_step, run_cli, start_cli, steps, training_processes, wait_for
 
 
 def fake_env(**fake: object) -> dict[str, str]:
@@ -226,3 +226,41 @@ def test_a_config_changed_between_starts_is_refused_then_allowed(make_config, tm
     res = run_cli("train", str(cfg), "max_steps=40", "--allow-config-change", *FAST, env=env, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "max_steps changed from 400 to 40" in res.stdout
+
+
+@pytest.mark.parametrize(
+    ("fake", "opts", "code", "event"),
+    [
+        ({"crash_at": 3}, ["--crash-loop-limit", "2", "--max-restarts", "5"], 7, "crash_loop"),
+        ({"crash_at": 3, "fault_attempts": [1, 2]}, ["--max-restarts", "1", "--crash-loop-limit", "9"], 6, "gave_up"),
+    ],
+)
+def test_the_webhook_tells_each_outcome_once(make_config, tmp_path, fake, opts, code, event) -> None:
+    hook = Hook()
+    try:
+        cfg = make_config(f"hook-{event}", max_steps=20, save_steps=2)  # resumed at 2, dead at 3: no progress
+        env = {**fake_env(**fake), "FT_NOTIFY_URL": hook.url, "HF_TOKEN": SECRET}
+        res = run_cli("train", str(cfg), *FAST, *opts, env=env, timeout=180)
+        assert res.returncode == code, res.stdout[-2000:] + res.stderr[-2000:]
+        assert [b["event"] for b in hook.bodies] == [event] and hook.bodies[0]["exit_code"] == code
+        assert SECRET not in json.dumps(hook.bodies) + res.stdout + res.stderr
+    finally:
+        hook.close()
+
+
+def test_the_webhook_tells_a_stop_and_a_dead_webhook_costs_one_line(make_config, tmp_path: Path) -> None:
+    hook = Hook()
+    cfg = make_config("hook-stop", max_steps=400, save_steps=50)
+    out = output_dir(cfg)
+    env = {**fake_env(step_s=0.05), "FT_NOTIFY_URL": hook.url}
+    sup = start_cli("train", str(cfg), *FAST, log=tmp_path / "log", env=env)
+    wait_for(lambda: last_step(out) >= 5, 60, what="step 5")
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(60) == 143
+    assert [(b["event"], b["exit_code"]) for b in hook.bodies] == [("stopped", 143)]
+    hook.close()  # now nothing listens: the next outcome is a warning, never a different ending
+    dead = {**fake_env(step_s=0.01), "FT_NOTIFY_URL": hook.url, "FT_NOTIFY_BACKOFF_S": "0.05"}
+    res = run_cli("train", str(cfg), *FAST, "max_steps=60", env=dead, timeout=120)
+    assert res.returncode == 0, res.stdout[-2000:]
+    assert "warning: could not notify 127.0.0.1 (URLError); the run's outcome is unchanged" in res.stdout
+    assert SECRET not in res.stdout

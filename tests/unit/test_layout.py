@@ -35,12 +35,13 @@ PURE_ALLOWED = {
 }
 # package -> the packages it must never import: nothing reaches back up the data path.
 FORBIDDEN = {
-    "config": {"preflight", "policy", "state", "run", "worker", "tools", "app", "cli", "cli_options"},
-    "policy": {"preflight", "run", "worker", "tools", "app", "cli", "cli_options"},
-    "state": {"preflight", "run", "worker", "tools", "app", "cli", "cli_options"},
-    "preflight": {"run", "worker", "tools", "app", "cli", "cli_options"},
+    "config": {"preflight", "policy", "state", "run", "result", "worker", "tools", "app", "cli", "cli_options"},
+    "policy": {"preflight", "run", "result", "worker", "tools", "app", "cli", "cli_options"},
+    "state": {"preflight", "run", "result", "worker", "tools", "app", "cli", "cli_options"},
+    "preflight": {"run", "result", "worker", "tools", "app", "cli", "cli_options"},
     "run": {"preflight", "worker", "tools", "app", "cli", "cli_options"},
-    "worker": {"preflight", "policy", "run", "tools", "app", "cli", "cli_options"},
+    "result": {"preflight", "run", "worker", "tools", "app", "cli", "cli_options"},
+    "worker": {"preflight", "policy", "run", "result", "tools", "app", "cli", "cli_options"},
     "tools": {"app", "cli", "cli_options"},
 }
 

@@ -24,6 +24,7 @@ class ProgressTracker:
         self._tokens = 0
         self._loss_steps: list[int] = []
         self._losses: list[float] = []
+        self.learning_rate: float | None = None
         self.last_step_by_attempt: dict[int, int] = {}
 
     def add_steps(self, records: Iterable[StepRecord]) -> None:
@@ -36,6 +37,8 @@ class ProgressTracker:
 
     def add_logs(self, records: Iterable[LogRecord]) -> None:
         for r in records:
+            if r.learning_rate is not None:
+                self.learning_rate = r.learning_rate
             if r.loss is None:
                 continue
             while self._loss_steps and self._loss_steps[-1] >= r.step:
@@ -70,6 +73,7 @@ class ProgressTracker:
             eta_s=(max_steps - current.step) * s_per_step if s_per_step > 0 else None,
             loss=self._losses[upto - 1] if upto else None,
             first_loss=self._losses[0] if upto else None,
+            learning_rate=self.learning_rate,
         )
 
 

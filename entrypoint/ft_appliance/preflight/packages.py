@@ -29,7 +29,6 @@ class Need:
 
 REPORTERS = {
     "wandb": ("wandb", "wandb"),
-    "tensorboard": ("tensorboard", "tensorboard"),
     "mlflow": ("mlflow", "mlflow"),
     "swanlab": ("swanlab", "swanlab"),
     "comet_ml": ("comet-ml", None),

@@ -17,6 +17,8 @@ from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_at
 from ..config.plan import Plan
 from ..errors import CrashLoop, RetriesExhausted, Stopped, TrainingFailed, VolumeFull
 from ..policy.restarts import RESOURCE_ERRORS, Verdict, classify
+from ..result import metrics
+from ..result.curve import CurveDrawer
 from ..state.history import earlier_outcomes, is_finished
 from ..state.layout import StateDir, write_record
 from ..state.records import AttemptOutcome, RunState
@@ -37,20 +39,46 @@ class AttemptFailed(Exception):
 
 
 class Supervisor:
-    def __init__(self, plan: Plan, echo: Echo, shutdown: Shutdown, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, plan: Plan, echo: Echo, shutdown: Shutdown, env: Mapping[str, str] | None = None,
+        metrics_port: int | None = None,
+    ) -> None:  # fmt: skip
         self.plan = plan
         self.echo = echo
         self.shutdown = shutdown
         self.env = dict(os.environ if env is None else env)
         self.sd = StateDir(plan.output_dir)
         self.status = StatusWriter(self.sd, self.env, echo)
+        self.curve = CurveDrawer(self.sd, lambda m: self.say(f"warning: {m}"))
+        self.status.on_checkpoint = lambda _step: self.curve.request()
         self.pool = WarmPool(plan, self.sd, self.env, self.say)
         self.history: list[AttemptOutcome] = []
+        self.metrics_port = metrics_port
+
+    def _serve_metrics(self) -> object | None:
+        if not self.metrics_port:
+            return None
+        try:
+            server = metrics.serve(self.metrics_port, self.status.registry)
+        except OSError as exc:  # a port in use must not cost the run
+            self.say(f"warning: cannot serve metrics on port {self.metrics_port} ({exc.strerror}); training carries on")
+            return None
+        self.say(f"metrics: http://0.0.0.0:{self.metrics_port}/metrics")
+        return server
 
     def say(self, msg: str) -> None:
         self.echo(f"[ft] {msg}")
 
     def run(self) -> RunResult:
+        server = self._serve_metrics()
+        try:
+            return self._run()
+        finally:
+            self.curve.finish()  # the curve of however the run ended
+            if server is not None:
+                server.shutdown()
+
+    def _run(self) -> RunResult:
         self.sd.root.mkdir(parents=True, exist_ok=True)
         self.status.refresh()  # the run's history so far, read once; later polls read only what is new
         retry = self.plan.retry

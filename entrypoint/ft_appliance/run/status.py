@@ -1,5 +1,6 @@
 """The supervisor's view of its run: progress read incrementally from the workers' records,
-status.json for `status` and the soak, and the container's heartbeat for the HEALTHCHECK.
+status.json for `status` and the soak, the metrics textfile made from that same record, and the
+heartbeat (.ft/heartbeat.json, and FT_HEARTBEAT_FILE for the container's HEALTHCHECK).
 
 Every write here is guarded: a full or failing volume is reported once and training carries on (the
 workers' own save reports the real failure), instead of a status file killing the supervisor.
@@ -15,10 +16,21 @@ from pathlib import Path
 from typing import Any
 
 from ..policy.progress import ProgressTracker, restart_history
+from ..result import metrics
 from ..state.checkpoints import step_of
 from ..state.files import JsonlTail
 from ..state.layout import StateDir, parse_records, read_record_or_none, write_record
-from ..state.records import Heartbeat, LogRecord, Progress, Record, RunFile, RunState, StatusRecord, StepRecord
+from ..state.records import (
+    Event,
+    Heartbeat,
+    LogRecord,
+    Progress,
+    Record,
+    RunFile,
+    RunState,
+    StatusRecord,
+    StepRecord,
+)
 
 HEARTBEAT_EVERY_S = 5.0
 
@@ -28,10 +40,18 @@ class StatusWriter:
         self.sd = sd
         self.echo = echo
         beat = env.get("FT_HEARTBEAT_FILE")
-        self.heartbeat_path = Path(beat) if beat else None
+        self.heartbeat_paths = [sd.heartbeat, *([Path(beat)] if beat else [])]
+        textfile = env.get("FT_METRICS_TEXTFILE")  # a node exporter's textfile directory, say
+        self.metrics_paths = [sd.metrics, *([Path(textfile)] if textfile else [])]
+        self.last: StatusRecord | None = None
+        """The record last written: what the metrics endpoint serves."""
+        self.registry = metrics.registry_for(lambda: self.last)
         self.tracker = ProgressTracker()
         self._steps = JsonlTail(sd.steps)
         self._logs = JsonlTail(sd.log)
+        self._events = JsonlTail(sd.events)
+        self.last_checkpoint: tuple[int, float] | None = None
+        self.on_checkpoint: Callable[[int], None] | None = None
         self._resumed: dict[int, int] = {}
         self.state = RunState.STARTING
         self.attempt: int | None = None
@@ -44,6 +64,11 @@ class StatusWriter:
         logs = parse_records(self._logs.read_new(), LogRecord)
         self.tracker.add_steps(steps)
         self.tracker.add_logs(logs)
+        saves = [e for e in parse_records(self._events.read_new(), Event) if e.event == "save" and "step" in e.data]
+        if saves:
+            self.last_checkpoint = (int(saves[-1].data["step"]), saves[-1].time)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(self.last_checkpoint[0])
         return len(steps), len(logs)
 
     def progress(self) -> Progress | None:
@@ -75,22 +100,31 @@ class StatusWriter:
             steps_lost=lost,
             progress=self.progress(),
             updated=time.time(),
+            last_checkpoint=self.last_checkpoint[0] if self.last_checkpoint else None,
+            last_checkpoint_time=self.last_checkpoint[1] if self.last_checkpoint else None,
             **extra,
         )
+        self.last = record
         self._guarded(self.sd.status, record)
+        for path in self.metrics_paths:
+            self._guarded_io(path, lambda p: metrics.write_textfile(p, self.registry))
         self.heartbeat(force=True)
 
     def heartbeat(self, force: bool = False) -> None:
         now = time.time()
-        if self.heartbeat_path is None or (not force and now - self._beat_at < HEARTBEAT_EVERY_S):
+        if not force and now - self._beat_at < HEARTBEAT_EVERY_S:
             return
         self._beat_at = now
-        step = self.tracker.step
-        self._guarded(self.heartbeat_path, Heartbeat(self.state, now, step, str(self.sd.output_dir), os.getpid()))
+        beat = Heartbeat(self.state, now, self.tracker.step, str(self.sd.output_dir), os.getpid())
+        for path in self.heartbeat_paths:
+            self._guarded(path, beat)
 
     def _guarded(self, path: Path, record: Record) -> None:
+        self._guarded_io(path, lambda p: write_record(p, record))
+
+    def _guarded_io(self, path: Path, write: Callable[[Path], None]) -> None:
         try:
-            write_record(path, record)
+            write(path)
         except OSError as exc:
             if path.name not in self._failed_writes:
                 self._failed_writes.add(path.name)

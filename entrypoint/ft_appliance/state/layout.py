@@ -4,6 +4,7 @@
     .ft/owner.json                 Owner: who holds it (for the refusal line and takeovers)
     .ft/tree.lock                  POSIX read locks held by every live training rank
     .ft/status.json                StatusRecord        .ft/run-meta.json   RunMeta
+    .ft/heartbeat.json             Heartbeat (also FT_HEARTBEAT_FILE)  .ft/metrics.prom  Prometheus text
     .ft/config.json                ConfigRecord: the settings the run last started with
     .ft/steps.jsonl                StepRecord lines    .ft/log.jsonl       LogRecord lines
     .ft/events.jsonl               Event lines         .ft/stopped.json    StopRecord
@@ -108,6 +109,14 @@ class StateDir:
     @property
     def status(self) -> Path:
         return self.root / "status.json"
+
+    @property
+    def heartbeat(self) -> Path:
+        return self.root / "heartbeat.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.prom"
 
     @property
     def run_meta(self) -> Path:

@@ -314,6 +314,7 @@ class Progress(Record):
     eta_s: float | None
     loss: float | None
     first_loss: float | None
+    learning_rate: float | None = None
 
 
 @dataclass(frozen=True)
@@ -332,6 +333,9 @@ class StatusRecord(Record):
     resumed_from: int | None = None
     verdict: str | None = None
     next_restart_in_s: float | None = None
+    last_checkpoint: int | None = None
+    """Step of the newest checkpoint a worker marked complete."""
+    last_checkpoint_time: float | None = None
 
 
 @dataclass(frozen=True)

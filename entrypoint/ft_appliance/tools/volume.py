@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -23,10 +24,20 @@ Checkpoints are never deleted by the appliance; torn ones are moved to <output_d
 """
 
 
+# A dataset of three examples in LlamaFactory's alpaca format, named as the example config names it, so
+# that the example trains once a model is in models/ (and shows the format to copy).
+EXAMPLE_DATASET = "my_dataset"
+EXAMPLE_ROWS = [
+    {"instruction": "Say hello.", "input": "", "output": "Hello!"},
+    {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5"},
+    {"instruction": "Name the capital of France.", "input": "", "output": "Paris"},
+]
+
+
 def examples_dir() -> Path:
     """Shipped configs: FT_EXAMPLES_DIR in the image, the repository's configs/ in a checkout."""
     env = os.environ.get("FT_EXAMPLES_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "configs"
+    return Path(env) if env else Path(__file__).resolve().parents[3] / "configs"
 
 
 def is_unset_up(root: Path) -> bool:
@@ -36,21 +47,31 @@ def is_unset_up(root: Path) -> bool:
     return not (root / "configs" / "train.yaml").exists() and not any((root / "models").glob("*"))
 
 
+def _write_new(path: Path, text: str, created: list[str], name: str) -> None:
+    if not path.exists():
+        path.write_text(text)
+        created.append(name)
+
+
 def init_volume(root: Path) -> list[str]:
-    """Create the layout, the README and the example configs; never overwrite what is there."""
+    """Create the layout, the README, the example config and dataset; never overwrite what is there.
+    Returns what it created (empty on a second run)."""
     created = []
     for name in LAYOUT:
         d = root / name
         if not d.exists():
             d.mkdir(parents=True)
             created.append(f"{name}/")
-    if not (root / "README.txt").exists():
-        (root / "README.txt").write_text(README)
-        created.append("README.txt")
+    _write_new(root / "README.txt", README, created, "README.txt")
+    info = {EXAMPLE_DATASET: {"file_name": f"{EXAMPLE_DATASET}.json"}}
+    _write_new(root / "datasets" / "dataset_info.json", json.dumps(info, indent=1) + "\n", created,
+               "datasets/dataset_info.json")  # fmt: skip
+    _write_new(root / "datasets" / f"{EXAMPLE_DATASET}.json", json.dumps(EXAMPLE_ROWS, indent=1) + "\n", created,
+               f"datasets/{EXAMPLE_DATASET}.json")  # fmt: skip
     src = examples_dir()
-    if (src / "finetune_lora_single_node.yaml").exists() and not (root / "configs" / "train.example.yaml").exists():
-        shutil.copyfile(src / "finetune_lora_single_node.yaml", root / "configs" / "train.example.yaml")
-        created.append("configs/train.example.yaml")
+    if (src / "finetune_lora_single_node.yaml").exists():
+        text = (src / "finetune_lora_single_node.yaml").read_text()
+        _write_new(root / "configs" / "train.example.yaml", text, created, "configs/train.example.yaml")
     if (src / "deepspeed").is_dir() and not (root / "configs" / "deepspeed").exists():
         shutil.copytree(src / "deepspeed", root / "configs" / "deepspeed")
         created.append("configs/deepspeed/")
