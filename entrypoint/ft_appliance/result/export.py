@@ -92,12 +92,25 @@ def export_args(plan: ExportPlan, model_dir: Path, dtype: str) -> dict[str, Any]
     return out
 
 
+def untied(state: dict[str, Any]) -> dict[str, Any]:
+    """One name per shared tensor (tied embeddings): safetensors refuses aliases, and transformers ties
+    them again on load. The output head is the alias dropped."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in state.items():
+        groups.setdefault(tensor.data_ptr(), []).append(name)
+    keep = {sorted(names, key=lambda n: (n.startswith("lm_head"), n))[0] for names in groups.values()}
+    return {name: t.contiguous() for name, t in state.items() if name in keep}
+
+
 def gather_zero3(source: Path, into: Path) -> Path:
-    """Consolidate a ZeRO-3 checkpoint's shards into plain safetensors (with its config and tokenizer)."""
-    from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+    """Consolidate a ZeRO-3 checkpoint's shards (DeepSpeed's own zero_to_fp32) into plain safetensors,
+    with its config and tokenizer beside them."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import save_file
 
     into.mkdir(parents=True)
-    convert_zero_checkpoint_to_fp32_state_dict(str(source), str(into), safe_serialization=True)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(source))
+    save_file(untied(state), str(into / "model.safetensors"), metadata={"format": "pt"})
     for name in MODEL_FILES:
         if (source / name).is_file():
             shutil.copyfile(source / name, into / name)
