@@ -126,3 +126,31 @@ def test_health_reads_the_supervisors_heartbeat(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "the supervisor is stuck" in res.stderr
     beat.write_text(json.dumps({"state": "finished", "step": 30, "time": time.time() - 600}))
     assert CliRunner().invoke(cli, ["health"], env=env).exit_code == 0
+
+
+def test_status_watch_refreshes_until_interrupted(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import time
+
+    from ft_appliance.state.layout import StateDir, write_record
+    from ft_appliance.state.records import Progress, RunState, StatusRecord
+
+    from tests.helpers import cli_argv
+
+    sd = StateDir(tmp_path / "run")
+    sd.root.mkdir(parents=True)
+
+    def at(step: int) -> None:
+        p = Progress(step, 100, step * 10, 50.0, 0.2, 1.0, 1.0 / step, 1.0)
+        write_record(sd.status, StatusRecord(RunState.FINISHED, str(sd.output_dir), progress=p, updated=time.time()))
+
+    at(7)
+    proc = subprocess.Popen(cli_argv("status", str(sd.output_dir), "--watch", "0.5"), stdout=subprocess.PIPE, text=True)
+    time.sleep(2.5)  # the interpreter starts, then a refresh every half second
+    at(42)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0
+    assert out.count("finished: ") >= 3 and "step 7/100" in out and "step 42/100" in out
