@@ -28,6 +28,8 @@ WEIGHT_FILES = (
     "pytorch_model.bin",
     "pytorch_model.bin.index.json",
 )
+# A reward model's value head beside its decoder weights (LlamaFactory's fix_valuehead_checkpoint).
+VALUE_HEAD_FILES = ("value_head.safetensors", "value_head.bin")
 
 
 def check_safetensors(path: Path) -> str | None:
@@ -118,6 +120,10 @@ def _check_content(ckpt: Path) -> tuple[bool, str, bool]:
     problem = _check_weights(ckpt)
     if problem:
         return False, problem, False
+    for name in VALUE_HEAD_FILES:
+        path = ckpt / name
+        if path.exists() and (problem := check_safetensors(path) if name.endswith(".safetensors") else check_zip(path)):
+            return False, problem, False
     for name in ("optimizer.pt", "scheduler.pt", "scaler.pt"):
         if (ckpt / name).exists() and (problem := check_zip(ckpt / name)):
             return False, problem, False

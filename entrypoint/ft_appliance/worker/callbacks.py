@@ -213,7 +213,33 @@ class TraceCallback(TrainerCallback):
         self.trace.maybe_stop(state.global_step)
 
 
+def markers_last() -> None:
+    """Make the completeness marker the last write of every save, whatever other callbacks do.
+
+    LlamaFactory's rm and ppo trainers add FixValueHeadModelCallback after the callbacks handed to
+    run_exp; its on_save replaces model.safetensors with the adapter and value_head.safetensors, so a
+    marker written before it lists files that are gone, and every rm checkpoint was judged torn. The
+    Trainer calls callbacks in list order, so each event first moves ours to the end (a stable sort:
+    the others keep their order)."""
+    from transformers.trainer_callback import CallbackHandler
+
+    if getattr(CallbackHandler, "_ft_markers_last", False):
+        return
+    original = CallbackHandler.call_event
+
+    def call_event(self, event, args, state, control, **kwargs):  # noqa: ANN001, ANN202
+        self.callbacks.sort(key=lambda cb: isinstance(cb, MarkerCallback))
+        return original(self, event, args, state, control, **kwargs)
+
+    CallbackHandler.call_event = call_event
+    CallbackHandler._ft_markers_last = True
+
+
 def build_callbacks(ctx: WorkerContext) -> list[Any]:
+    from . import valuehead
+
+    markers_last()
+    valuehead.install()  # acts only on a value-head model resuming a value-head checkpoint
     found: list[Any] = [StepCallback(ctx), BeatCallback(ctx), MarkerCallback(ctx), TweaksCallback(ctx)]
     trace = StepTrace.from_env(ctx.rank)
     return [*found, TraceCallback(trace)] if trace else found
