@@ -66,6 +66,19 @@ def preflight(plan: Plan, inventory: Any, opts: PreflightOptions, echo: Echo) ->
     return result.plan
 
 
+def banner(plan: Plan, inventory: Any) -> str:
+    """The start line: where it trains, in which precision, and into which folder."""
+    args = plan.args
+    precision = "bf16" if args.get("bf16") else "fp16" if args.get("fp16") else "fp32"
+    if inventory is not None and inventory.gpus:
+        names = sorted({g.name for g in inventory.gpus})
+        where = f"{plan.nproc} GPU process(es) on {len(inventory.gpus)} x {', '.join(names)}"
+    else:
+        where = f"{plan.nproc} CPU process(es)"
+    method = f"{args.get('stage', 'sft')}/{args.get('finetuning_type', 'lora')}"
+    return f"start: {method} of {args.get('model_name_or_path')} on {where}, {precision}, into {plan.output_dir}"
+
+
 def maybe_init_volume(config: Path) -> None:
     """`docker run -v data:/data ft-appliance` on an empty volume: lay it out, say what goes where."""
     from .tools.volume import init_volume, is_unset_up
@@ -141,6 +154,7 @@ def train(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutdown, echo
         return RunResult(RunState.ALREADY_FINISHED, plan.output_dir, artifacts=artifacts(plan.output_dir))
     as_configured = plan  # the fingerprint compares configs, not the profile's or autotune's choices
     plan = preflight(plan, inventory, opts, echo)
+    echo(f"[ft] {banner(plan, inventory)}")
     sd = StateDir(plan.output_dir)
     try:
         with lock.own(sd, plan.timeouts.stop_grace_s + 30, lambda m: echo(f"[ft] {m}")):
@@ -149,7 +163,8 @@ def train(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutdown, echo
             write_config_record(as_configured)
             plan = maybe_autotune(plan, inventory, opts, shutdown, echo)
             shutdown.check()
-            return notified(Supervisor(plan, echo, shutdown, metrics_port=opts.metrics_port), echo)
+            sup = Supervisor(plan, echo, shutdown, metrics_port=opts.metrics_port, verbose=opts.verbose)
+            return notified(sup, echo)
     except ShutdownRequested as exc:
         raise Stopped("stopped before training started; start again to train", exc.signum) from None
 

@@ -26,10 +26,9 @@ CONFIG_ARG = click.argument(
 
 def _echo_to(json_mode: bool) -> Callable[[str], None]:
     # With --json, stdout carries only the final JSON document; logs go to stderr.
-    def echo(line: str) -> None:
-        click.echo(line, err=json_mode)
+    from .console import Console
 
-    return echo
+    return Console(click.get_text_stream("stderr" if json_mode else "stdout"))
 
 
 class ApplianceGroup(click.Group):

@@ -45,6 +45,7 @@ class RunOptions(PreflightOptions):
     no_spare: bool = False
     no_autotune: bool = False
     metrics_port: int | None = None
+    verbose: bool = False
 
     def retry(self) -> RetryPolicy:
         # The backoff doubles from --backoff up to a minute (or --backoff itself when larger).
@@ -204,6 +205,14 @@ SUPERVISION = [
         envvar="FT_METRICS_PORT",
         help="Serve Prometheus metrics on this port at /metrics [default: off; the textfile "
         "output_dir/.ft/metrics.prom is always written].",
+    ),
+    _opt(
+        "--verbose",
+        "-v",
+        is_flag=True,
+        envvar="FT_VERBOSE",
+        help="Stream everything the training processes print (LlamaFactory's INFO lines included); by "
+        "default only their warnings and errors reach the console, and the rest goes to the attempt's log.",
     ),
 ]
 

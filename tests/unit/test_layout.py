@@ -101,6 +101,7 @@ def test_cli_holds_only_the_click_layer() -> None:
         "ft_appliance.cli_options",
         "ft_appliance.config.plan",  # the default config path
         "ft_appliance.errors",  # the exit-code table and the one-line mapping
+        "ft_appliance.console",  # where the lines go: a bar in place on a terminal
         "ft_appliance.tools.demo",  # the demo layout, built before the demo's plan
     }
     assert reached <= allowed, sorted(reached - allowed)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ..config.plan import Plan
 from ..policy.checkpoints import Candidate, choose_resume, to_set_aside
+from ..policy.console import message_key, shown
 from ..policy.progress import format_progress
 from ..policy.watch import Limits, decide
 from ..state import checkpoints
@@ -41,6 +42,26 @@ PROGRESS_LINE_EVERY_S = 30.0
 FULL_BELOW_BYTES = 16 * 2**20
 
 
+class WorkerConsole:
+    """What of the training processes' output reaches the console (policy/console.py), each message
+    once; with verbose, everything. The attempt's log file gets every line either way."""
+
+    def __init__(self, echo: Callable[[str], None], verbose: bool) -> None:
+        self.echo = echo
+        self.verbose = verbose
+        self.seen: set[str] = set()
+
+    def __call__(self, line: str) -> None:
+        if self.verbose:
+            self.echo(line)
+            return
+        if not shown(line) or (key := message_key(line)) in self.seen:
+            return
+        if len(self.seen) < 10_000:
+            self.seen.add(key)
+        self.echo(line)
+
+
 def volume_full(output_dir: os.PathLike) -> bool:
     try:
         return shutil.disk_usage(output_dir).free < FULL_BELOW_BYTES
@@ -58,6 +79,7 @@ class Attempt:
     shutdown: Shutdown
     echo: Callable[[str], None]
     env: Mapping[str, str]
+    verbose: bool = False
 
     def say(self, msg: str) -> None:
         self.echo(f"[ft] {msg}")
@@ -105,16 +127,20 @@ class Attempt:
         write_record(run_file, run)
         self.status.attempt = self.number
         spare = self.pool.take()
+        log = self.sd.output_log(self.number)
+        console = WorkerConsole(self.echo, self.verbose)
         if spare is not None:
             argv, proc = spare.argv, spare.proc
-            proc.adopt(self.sd.output_log(self.number), self.echo)
+            proc.adopt(log, console)
             write_record(spare.go_file, GoFile(str(run_file)))
-            self.say("launch: on the spare workers, importing since the last attempt: " + " ".join(argv))
+            self.say("launch: on the spare workers, importing since the last attempt")
         else:
-            log = self.sd.output_log(self.number)
             spec = build_launch(self.plan, run_file, log, free_port(), self.env, os.getpid())
-            argv, proc = spec.argv, TrainingProcess(spec, self.echo)
-            self.say("launch: " + " ".join(argv))
+            argv, proc = spec.argv, TrainingProcess(spec, console)
+            self.say(f"launch: {self.plan.nproc} training processes under torchrun")
+        self.say(f"full log: {log}" + ("" if self.verbose else " (--verbose streams it here)"))
+        if self.verbose:
+            self.say("command: " + " ".join(argv))
         cwd = str(self.plan.workdir)
         write_record(self.sd.launch_file(self.number), LaunchRecord(argv, cwd, str(spare.go_file) if spare else None))
         append_record(self.sd.events, Event("launch", self.number, time.time(), {"spare": spare is not None}))

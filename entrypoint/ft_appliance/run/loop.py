@@ -41,7 +41,7 @@ class AttemptFailed(Exception):
 class Supervisor:
     def __init__(
         self, plan: Plan, echo: Echo, shutdown: Shutdown, env: Mapping[str, str] | None = None,
-        metrics_port: int | None = None,
+        metrics_port: int | None = None, verbose: bool = False,
     ) -> None:  # fmt: skip
         self.plan = plan
         self.echo = echo
@@ -54,6 +54,7 @@ class Supervisor:
         self.pool = WarmPool(plan, self.sd, self.env, self.say)
         self.history: list[AttemptOutcome] = []
         self.metrics_port = metrics_port
+        self.verbose = verbose
 
     def _serve_metrics(self) -> object | None:
         if not self.metrics_port:
@@ -121,7 +122,9 @@ class Supervisor:
         if self.history and is_finished(self.plan.output_dir):
             return  # never relaunch a finished run: it would train past the end and overwrite results
         number = self.sd.new_attempt()
-        outcome = Attempt(self.plan, self.sd, number, self.status, self.pool, self.shutdown, self.echo, self.env).run()
+        outcome = Attempt(
+            self.plan, self.sd, number, self.status, self.pool, self.shutdown, self.echo, self.env, self.verbose
+        ).run()
         earlier = [o for o in earlier_outcomes(self.sd) if o.attempt < outcome.attempt]
         verdict = classify(outcome, earlier, self.plan.retry.crash_loop_limit)
         outcome = replace(outcome, verdict=verdict.value)

@@ -17,6 +17,7 @@ ARTIFACT_NAMES = (
     "all_results.json",
     "train_results.json",
     "trainer_log.jsonl",
+    "loss_curve.png",
 )
 
 
