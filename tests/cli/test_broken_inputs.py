@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 from ft_appliance.cli import cli
 
-from tests.helpers import INVENTORIES, LLAMA_8B_CONFIG
+from tests.helpers import INVENTORIES, LLAMA_8B_CONFIG, REPO
 
 
 class Case:
@@ -119,6 +119,7 @@ CORPUS: list[tuple[str, Callable[[Case], None], int, str]] = [
     ("yaml list", set_text("- a\n- b\n"), 3, "must be a mapping of LlamaFactory keys"),
     ("json file", set_text('{"stage": "sft"}', "train.json"), 3, "is JSON: write it as YAML"),
     ("unknown key", upd(lerning_rate=1e-4), 3, "unknown key 'lerning_rate': did you mean 'learning_rate'?"),
+    ("transformers 4 fsdp key", upd(fsdp_transformer_layer_cls_to_wrap="LlamaDecoderLayer"), 3, "fsdp_transformer_layer_cls_to_wrap was removed in transformers 5: write fsdp_config: {transformer_layer_cls_to_wrap: [LlamaDecoderLayer]} instead"),
     ("quoted number", upd(lora_rank="8"), 3, "lora_rank is the string '8': write 8 without quotes"),
     ("quoted boolean", upd(do_train="false"), 3, "do_train is the string 'false', which counts as true"),
     ("bad stage", upd(stage="sf"), 3, "stage is 'sf', not one of"),
@@ -208,9 +209,10 @@ CORPUS: list[tuple[str, Callable[[Case], None], int, str]] = [
     ("adam-mini", upd(use_adam_mini=True), 8, "use_adam_mini needs the adam-mini package"),
     ("qlora", upd(quantization_bit=4), 8, "quantization_bit (bnb) needs the bitsandbytes package"),
     ("mixture of depths", upd(mixture_of_depths="convert"), 8, "mixture_of_depths needs the mixture-of-depth package"),
+    ("zero2 on cpu", upd(finetuning_type="full", deepspeed=str(REPO / "configs" / "deepspeed" / "ds_z2_config.json")), 3, "DeepSpeed ZeRO-2 fails on CPU processes: its gradient all-gather over gloo"),
 ]  # fmt: skip
 # Cases about a CPU run: `check` judges them as one (with --nproc).
-CPU_RUN = {"bf16 on a CPU run", "liger not installed"}
+CPU_RUN = {"bf16 on a CPU run", "liger not installed", "zero2 on cpu"}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -48,7 +48,7 @@ def worst_exit_code(problems: list[Problem]) -> int:
 
 # Findings that only make sense for a CPU run: left out when `check` judges a GPU config on a machine
 # without GPUs (a laptop), where the run itself will have them.
-CPU_ONLY = frozenset({"config.cpu_precision", "config.liger"})
+CPU_ONLY = frozenset({"config.cpu_precision", "config.liger", "config.cpu_zero2"})
 
 
 @dataclass
@@ -642,6 +642,13 @@ def run_checks(
             "config.cpu_precision",
             "bf16/fp16 mixed precision needs a GPU and this is a CPU run: remove "
             "bf16/fp16 from the config (or pass them as key=value only on GPU machines)",
+        )
+    if inventory is None and zero_stage(args) == 2 and nproc > 1:
+        report.add(
+            "config.cpu_zero2",
+            "DeepSpeed ZeRO-2 fails on CPU processes: its gradient all-gather over gloo modifies a view "
+            'in place ("Output 0 of Split is a view and is being modified inplace"); on CPU use ZeRO-3 '
+            "(ds_z3_config.json) or no deepspeed; ZeRO-2 runs on GPUs",
         )
     if inventory is not None:
         check_gpus(inventory, nproc, args, report)

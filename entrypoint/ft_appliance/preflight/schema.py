@@ -126,11 +126,24 @@ def _expected(kinds: frozenset[str]) -> str:
     return " or ".join(names[k] for k in SCALARS if k in kinds) or "another type"
 
 
+# Keys transformers 5 removed, with the spelling that replaced them (LlamaFactory's older examples and
+# many users' configs still carry them; the generic "unknown key" line would not say what to write).
+RENAMED = {
+    "fsdp_transformer_layer_cls_to_wrap": "fsdp_config: {{transformer_layer_cls_to_wrap: [{value}]}}",
+    "fsdp_min_num_params": "fsdp_config: {{min_num_params: {value}}}",
+}
+
+
 def check_args(args: Mapping[str, Any], schema: Mapping[str, ArgSpec], source: str) -> list[Problem]:
     """Unknown keys (with a did-you-mean) and values of the wrong type, in file order."""
     problems: list[Problem] = []
     for key, value in args.items():
         spec = schema.get(key)
+        if spec is None and key in RENAMED:
+            spelling = RENAMED[key].format(value=value)
+            message = f"{source}: {key} was removed in transformers 5: write {spelling} instead"
+            problems.append(Problem("config.unknown_key", message))
+            continue
         if spec is None:
             near = difflib.get_close_matches(key, list(schema), n=1, cutoff=0.75)
             hint = f": did you mean {near[0]!r}?" if near else ": remove it or check its spelling"
