@@ -163,37 +163,3 @@ def test_init_lays_out_a_volume_once_and_never_overwrites(tmp_path: Path) -> Non
     assert second.returncode == 0 and "nothing changed" in second.stdout
     assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in vol.rglob("*")} == snapshot
     assert (vol / "README.txt").read_text() == "mine"
-
-
-def test_export_gathers_a_zero3_checkpoint_into_the_weights_deepspeed_itself_consolidated(
-    make_config, tmp_path: Path
-) -> None:
-    """A ZeRO-3 full fine-tune on 2 CPU processes. Its checkpoint holds DeepSpeed's shards and the
-    16-bit consolidation DeepSpeed wrote at save time; a copy without the consolidation must export,
-    through the gather, to a model with the same logits."""
-    import shutil
-
-    import torch
-
-    from tests.helpers import REPO
-
-    ds = REPO / "configs" / "deepspeed" / "ds_z3_config.json"
-    cfg = make_config("z3", finetuning_type="full", deepspeed=str(ds), max_steps=6, save_steps=3,
-                      lora_rank=None, lora_target=None)  # fmt: skip
-    out = tmp_path / "output" / "z3"
-    res = run_cli("train", str(cfg), *FAST, timeout=900)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
-    shards = out / "checkpoint-3"
-    assert list(shards.glob("global_step3/*model_states.pt")) and (shards / "model.safetensors").exists()
-    copy = tmp_path / "copy"
-    shutil.copytree(out, copy)
-    (copy / "checkpoint-3" / "model.safetensors").unlink()  # as with stage3_gather_16bit_weights_on_model_save off
-    (copy / "checkpoint-3" / MARKER).unlink()
-    gathered = run_cli("export", str(copy), "--checkpoint", "checkpoint-3", "--dtype", "float32", timeout=600)
-    assert gathered.returncode == 0 and "gathering the ZeRO-3 shards of" in gathered.stdout, gathered.stderr[-3000:]
-    direct = run_cli("export", str(out), "--checkpoint", "checkpoint-3", "--dtype", "float32", timeout=600)
-    assert direct.returncode == 0, direct.stderr[-3000:]
-    assert not list(copy.glob(".export-*zero3-gathered*"))  # the scratch copy is gone
-    ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
-    got, want = _logits(copy / "export-checkpoint-3", ids), _logits(out / "export-checkpoint-3", ids)
-    assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())

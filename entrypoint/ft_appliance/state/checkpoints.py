@@ -62,11 +62,39 @@ def check_zip(path: Path) -> str | None:
     return None
 
 
+ZERO_SHARD_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_(model|optim)_states\.pt$")
+
+
+def check_deepspeed(ckpt: Path) -> str | None:
+    """DeepSpeed's layout: `latest` names global_stepN/, which holds a model and an optimizer shard for
+    every rank 0..W-1 of the world that wrote it, each a whole torch zip."""
+    tag = (ckpt / "latest").read_text().strip() if (ckpt / "latest").is_file() else None
+    if not tag:
+        return "DeepSpeed's latest file is missing or empty"
+    folder = ckpt / tag
+    if not folder.is_dir():
+        return f"DeepSpeed's latest names {tag}/, which is missing"
+    ranks: dict[str, set[int]] = {"model": set(), "optim": set()}
+    for path in folder.iterdir():
+        if m := ZERO_SHARD_RE.match(path.name):
+            ranks[m[2]].add(int(m[1]))
+            if problem := check_zip(path):
+                return f"{tag}/{problem}"
+    world = max(ranks["optim"] | ranks["model"], default=-1) + 1
+    for kind, found in ranks.items():
+        if found != set(range(world)) or not found:
+            missing = sorted(set(range(max(world, 1))) - found)
+            return f"{tag}/ lacks the {kind} shard of rank(s) {missing}"
+    return None
+
+
 def _check_weights(ckpt: Path) -> str | None:
     present = [name for name in WEIGHT_FILES if (ckpt / name).exists()]
     deepspeed = [p for p in ckpt.glob("global_step*") if p.is_dir()]
     if not present and not deepspeed:
         return "no model or adapter weights"
+    if deepspeed and (problem := check_deepspeed(ckpt)):
+        return problem
     for name in present:
         path = ckpt / name
         if name.endswith(".safetensors"):

@@ -94,3 +94,39 @@ def test_unmarked_checkpoint_newer_than_a_marked_one_is_an_interrupted_save(tmp_
     assert [(c.step, c.complete) for c in found] == [(10, True), (20, False)]
     assert "no completion marker" in found[1].reason
     assert choose_resume(found).step == 10
+
+
+def make_zero3_ckpt(out: Path, step: int, world: int = 2) -> Path:
+    """A ZeRO-3 checkpoint's layout as DeepSpeed writes it, without consolidated weights."""
+    ckpt = out / f"checkpoint-{step}"
+    shards = ckpt / f"global_step{step}"
+    shards.mkdir(parents=True)
+    for rank in range(world):
+        for kind in ("model", "optim"):
+            torch.save({"rank": rank}, shards / f"zero_pp_rank_{rank}_mp_rank_00_{kind}_states.pt")
+    (ckpt / "latest").write_text(f"global_step{step}")
+    (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    torch.save({"python": 1}, ckpt / "rng_state_0.pth")
+    return ckpt
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (lambda c: None, None),
+        (lambda c: truncate(c / "global_step30" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+         "global_step30/zero_pp_rank_1_mp_rank_00_optim_states.pt is truncated"),
+        (lambda c: (c / "global_step30" / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink(),
+         "lacks the model shard of rank(s) [1]"),
+        (lambda c: (c / "global_step30" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink(),
+         "lacks the optim shard of rank(s) [0]"),
+        (lambda c: (c / "latest").unlink(), "DeepSpeed's latest file is missing"),
+        (lambda c: (c / "latest").write_text("global_step99"), "names global_step99/, which is missing"),
+    ],
+)  # fmt: skip
+def test_the_judge_knows_deepspeeds_layout(tmp_path: Path, damage, reason: str | None) -> None:
+    damage(make_zero3_ckpt(tmp_path, 30))
+    [c] = checkpoints.scan(tmp_path)
+    assert c.complete is (reason is None), c.reason
+    if reason:
+        assert reason in c.reason
