@@ -57,9 +57,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/data/.cache/huggingface \
     TRITON_CACHE_DIR=/data/.cache/triton \
     TORCHINDUCTOR_CACHE_DIR=/data/.cache/inductor \
-    HF_HUB_OFFLINE=1 \
     HF_DATASETS_OFFLINE=1 \
-    TRANSFORMERS_OFFLINE=1 \
     PYTHONUNBUFFERED=1
 USER ft
 WORKDIR /data

@@ -125,6 +125,49 @@ def init(root: Path) -> list[str]:
     return [f"created {root / name}" for name in created] + [f"next: read {root / 'README.txt'}"]
 
 
+def pull(repo: str, revision: str | None, echo: Echo) -> Any:
+    """`ft-appliance pull`: refused in one line where the hub is off (air-gapped use stays as it is)."""
+    import os
+
+    from .stage.hub import pull as pull_repo
+
+    if os.environ.get("FT_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise PreflightError(
+            f"cannot pull {repo}: the hub is off here (FT_OFFLINE=1 or HF_HUB_OFFLINE=1); unset it, or copy the "
+            "model under /data/models", 8,
+        )  # fmt: skip
+    return pull_repo(repo, revision, lambda m: echo(f"[ft] {m}"), backoff_s=_hub_backoff())
+
+
+def _hub_backoff() -> float:
+    import os
+
+    return float(os.environ.get("FT_HUB_BACKOFF_S", "2.0"))
+
+
+def stage_hub(plan: Plan, inventory: Any, opts: RunOptions, echo: Echo) -> Plan:
+    """A hub model not yet in the volume's cache is downloaded here, once, by the run's owner; then the
+    model checks run on the files, and every worker loads them offline."""
+    import os
+
+    from .preflight.facts import cached_snapshot, hub_id
+    from .preflight.gate import check, raise_on_errors
+    from .stage.hub import pull
+
+    repo = hub_id(str(plan.args.get("model_name_or_path", "")), plan.workdir)
+    if repo is None:
+        return plan
+    revision = plan.args.get("model_revision")
+    if cached_snapshot(repo, revision) is None:
+        got = pull(repo, revision, lambda m: echo(f"[ft] {m}"), backoff_s=_hub_backoff())
+        echo(f"[ft] staged {repo}@{got.revision[:12]}: {got.files} files in {got.path}")
+        result = check(plan, inventory, opts.keep_effective_batch, not opts.no_profile, opts.allow_config_change)
+        raise_on_errors(result)  # the model's own checks, now that its files are here
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # the workers (and spares) inherit these
+        os.environ[key] = "1"
+    return plan
+
+
 def maybe_autotune(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutdown, echo: Echo) -> Plan:
     """On GPUs with the profile: the largest micro-batch that fits, from short real probes."""
     if inventory is None or opts.no_profile or opts.no_autotune:
@@ -159,6 +202,7 @@ def train(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutdown, echo
     try:
         with lock.own(sd, plan.timeouts.stop_grace_s + 30, lambda m: echo(f"[ft] {m}")):
             shutdown.check()
+            plan = stage_hub(plan, inventory, opts, echo)
             write_run_meta(plan, world_size(plan))
             write_config_record(as_configured)
             plan = maybe_autotune(plan, inventory, opts, shutdown, echo)

@@ -275,6 +275,27 @@ def export(output_dir: Path, dest: Path | None, checkpoint: str | None, dtype: s
 
 
 @cli.command(epilog=EPILOG)
+@click.argument("model")
+@click.option("--revision", envvar="FT_REVISION", show_envvar=True, help="Branch, tag or commit [default: main].")
+@click.option("--json", "json_mode", is_flag=True, envvar="FT_JSON", show_envvar=True, help="Print JSON.")
+def pull(model: str, revision: str | None, json_mode: bool) -> None:
+    """Stage hub MODEL in the volume's Hugging Face cache (HF_HOME) ahead of training.
+
+    Resumable and retried with backoff; HF_TOKEN (environment or env file) for gated repos, never
+    printed. A later `train` naming MODEL then finds it and trains offline.
+    """
+    from .app import pull as run_pull
+
+    got = run_pull(model, revision, _echo_to(json_mode))
+    if json_mode:
+        import json
+
+        click.echo(json.dumps({"repo": got.repo, "revision": got.revision, "path": str(got.path), "bytes": got.bytes}))
+    else:
+        click.echo(f"staged {got.repo}@{got.revision[:12]}: {got.files} files in {got.path}")
+
+
+@cli.command(epilog=EPILOG)
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path), required=False)
 def init(directory: Path | None) -> None:
     """Lay out a data volume in DIRECTORY [default: the volume of the default config, /data in the image].

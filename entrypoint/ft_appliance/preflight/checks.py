@@ -319,8 +319,8 @@ def check_model(model: ModelFacts, env: EnvFacts, report: Report) -> None:
         else:
             report.add(
                 "model.hub",
-                f"model {model.name!r} will be downloaded from the hub (needs network, and "
-                "HF_TOKEN for gated models); copy it under /data/models to train offline",
+                f"model {model.name!r} is not in the cache yet: this node downloads it once before training "
+                "(HF_TOKEN for gated models), then every rank loads it offline",
                 "warning",
             )
         return

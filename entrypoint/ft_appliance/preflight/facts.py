@@ -108,13 +108,33 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
 
-def read_model(name: str, workdir: Path) -> ModelFacts:
+def hub_id(name: str, workdir: Path) -> str | None:
+    """name when it names a hub repo rather than a local folder."""
+    path = Path(name) if Path(name).is_absolute() else workdir / name
+    return None if name.startswith(("/", "./", "../")) or path.exists() else name
+
+
+def cached_snapshot(repo: str, revision: str | None, repo_type: str = "model") -> Path | None:
+    """The complete local snapshot of repo@revision in the Hugging Face cache, or None; nothing is
+    sent over the network."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, repo_type=repo_type, local_files_only=True))
+    except Exception:  # LocalEntryNotFoundError, or no cache yet
+        return None
+
+
+def read_model(name: str, workdir: Path, revision: str | None = None) -> ModelFacts:
+    """A hub id is read from its cached snapshot when there is one (staged earlier)."""
     path = Path(name)
     if not path.is_absolute():
         path = workdir / path
-    looks_local = name.startswith(("/", "./", "../")) or path.exists()
-    if not looks_local:
-        return ModelFacts(name, None)
+    if hub_id(name, workdir):
+        snapshot = cached_snapshot(name, revision)
+        if snapshot is None:
+            return ModelFacts(name, None)
+        path = snapshot
     if not path.is_dir():
         return ModelFacts(name, path, error="does not exist" if not path.exists() else "is not a directory")
     files = {p.name for p in path.iterdir() if p.is_file()}

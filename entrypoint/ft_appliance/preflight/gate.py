@@ -162,7 +162,7 @@ def check(
     args = plan.args
     schema, templates = schema_and_templates()
     report_problems = check_args(args, schema, str(plan.config_path))
-    model = read_model(str(args.get("model_name_or_path", "")), plan.workdir)
+    model = read_model(str(args.get("model_name_or_path", "")), plan.workdir, args.get("model_revision"))
     data_dir = Path(str(args.get("dataset_dir", "data")))
     if not data_dir.is_absolute():
         data_dir = plan.workdir / data_dir
