@@ -72,3 +72,20 @@ def test_pull_stages_a_gated_model_with_its_token(hub, tmp_path: Path) -> None:
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["revision"] == hub.sha(GATED) and (Path(got["path"]) / "config.json").exists()
     assert TOKEN not in res.stdout + res.stderr
+
+
+def test_progress_lines_off_a_terminal_say_how_far_the_download_got(tmp_path: Path, monkeypatch) -> None:
+    import time
+
+    from ft_appliance.stage.hub import ProgressLines
+
+    blobs = tmp_path / "models--acme--big" / "blobs"
+    blobs.mkdir(parents=True)
+    lines: list[str] = []
+    with ProgressLines(blobs.parent, 4 * 2**20, lines.append, every_s=0.2):
+        (blobs / "a.incomplete").write_bytes(b"\0" * 2**20)
+        time.sleep(0.5)
+        (blobs / "b").write_bytes(b"\0" * 2**21)
+        time.sleep(0.5)
+    assert "downloading models--acme--big: 1 of 4 MiB (25%)" in lines
+    assert lines[-1] == "downloading models--acme--big: 3 of 4 MiB (75%)"

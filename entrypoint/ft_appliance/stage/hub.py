@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +86,44 @@ def one_line(exc: BaseException, repo: str, revision: str | None) -> PreflightEr
     return PreflightError(f"downloading {repo} failed: {type(exc).__name__}: {exc}", EXIT_ENVIRONMENT)
 
 
+def repo_folder(repo: str, repo_type: str = "model") -> Path:
+    """Where huggingface_hub keeps repo in the cache (models--org--name)."""
+    return cache_dir() / f"{repo_type}s--{repo.replace('/', '--')}"
+
+
+def downloaded_bytes(folder: Path) -> int:
+    """Bytes in the repo's blobs, partial (.incomplete) files included."""
+    blobs = folder / "blobs"
+    return sum(p.stat().st_size for p in blobs.iterdir() if p.is_file()) if blobs.is_dir() else 0
+
+
+class ProgressLines:
+    """Off a terminal (docker logs, a file) huggingface_hub's bars are turned off and this says how far
+    the download got every `every_s` seconds instead; on a terminal the bars stay."""
+
+    def __init__(self, folder: Path, total: int, say: Callable[[str], None], every_s: float | None = 15.0) -> None:
+        self.folder, self.total, self.say, self.every_s = folder, total, say, every_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ft-hub-progress", daemon=True)
+
+    def __enter__(self) -> ProgressLines:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join(5)
+
+    def line(self) -> str:
+        got = downloaded_bytes(self.folder)
+        pct = 100.0 * got / self.total if self.total else 0.0
+        return f"downloading {self.folder.name}: {got / 2**20:,.0f} of {self.total / 2**20:,.0f} MiB ({pct:.0f}%)"
+
+    def _run(self) -> None:
+        while not self._done.wait(self.every_s):
+            self.say(self.line())
+
+
 def _info(repo: str, revision: str | None, repo_type: str, backoff_s: float) -> Any:
     from huggingface_hub import HfApi
 
@@ -113,7 +153,14 @@ def pull(
         say(f"downloading {repo}@{info.sha[:12]} ({n} files, {size / 2**20:,.0f} MiB) into {cache}")
         # By the name asked for, not the sha: the client then records the ref (refs/main), which is
         # what the workers' offline lookups of model_name_or_path resolve.
-        path = _retrying(backoff_s)(snapshot_download, repo, revision=revision, repo_type=repo_type)
+        quiet = not sys.stderr.isatty()
+        if quiet:
+            from huggingface_hub.utils import disable_progress_bars
+
+            disable_progress_bars()
+        every = 15.0 if quiet else None  # None: the bars say it
+        with ProgressLines(repo_folder(repo, repo_type), size, say, every):
+            path = _retrying(backoff_s)(snapshot_download, repo, revision=revision, repo_type=repo_type)
     except PreflightError:
         raise
     except Exception as exc:
