@@ -414,6 +414,27 @@ def check_datasets(args: Mapping[str, Any], data: DatasetFacts | None, report: R
 # --- config combinations LlamaFactory finds only after loading the model -----------------------
 
 
+def fix_oft_under_ddp(args: Mapping[str, Any], world: int, report: Report) -> None:
+    """OFT under DDP with LlamaFactory's default reentrant gradient checkpointing fails in the first
+    backward ("Expected to mark a variable ready only once"), in plain LlamaFactory too: the reentrant
+    checkpoint re-runs each OFT layer's forward inside backward, and DDP's reducer sees the rotation's
+    parameters become ready twice. Non-reentrant checkpointing (torch's recommended kind) records no
+    second forward, and training is otherwise the same. Applied only where the config leaves it open."""
+    if args.get("finetuning_type") != "oft" or world < 2 or args.get("disable_gradient_checkpointing"):
+        return
+    if "use_reentrant_gc" in args:
+        if args["use_reentrant_gc"]:
+            why = "DDP marks OFT's parameters ready twice"
+            message = f"finetuning_type: oft across processes fails with use_reentrant_gc: true ({why})"
+            report.add("config.oft_ddp", message + ": set use_reentrant_gc: false", "warning")
+        return
+    report.updates["use_reentrant_gc"] = False
+    report.notes.append(
+        "use_reentrant_gc: false (OFT under DDP fails with reentrant gradient checkpointing: "
+        '"Expected to mark a variable ready only once")'
+    )
+
+
 def check_combinations(args: Mapping[str, Any], report: Report, deepspeed_exists: bool | None) -> None:
     if not args.get("do_train"):
         report.add(
@@ -636,6 +657,7 @@ def run_checks(
     """All checks; inventory None means a CPU run (no GPU checks)."""
     report = Report()
     check_combinations(args, report, deepspeed_exists)
+    fix_oft_under_ddp(args, world, report)
     check_values(args, report)
     if inventory is None and any(args.get(k) for k in ("bf16", "fp16", "pure_bf16")):
         report.add(

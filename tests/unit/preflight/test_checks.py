@@ -160,3 +160,23 @@ def test_cpu_run_skips_gpu_checks(tmp_path: Path) -> None:
         templates={},
     )
     assert not any(p.check.startswith("gpu.") for p in report.problems)
+
+
+@pytest.mark.parametrize(
+    ("args", "world", "update", "warned"),
+    [
+        ({"finetuning_type": "oft"}, 2, {"use_reentrant_gc": False}, False),
+        ({"finetuning_type": "oft"}, 1, {}, False),
+        ({"finetuning_type": "lora"}, 2, {}, False),
+        ({"finetuning_type": "oft", "disable_gradient_checkpointing": True}, 2, {}, False),
+        ({"finetuning_type": "oft", "use_reentrant_gc": False}, 2, {}, False),
+        ({"finetuning_type": "oft", "use_reentrant_gc": True}, 2, {}, True),
+    ],
+)
+def test_oft_under_ddp_gets_non_reentrant_checkpointing(args, world, update, warned) -> None:
+    from ft_appliance.preflight.checks import Report, fix_oft_under_ddp
+
+    report = Report()
+    fix_oft_under_ddp(args, world, report)
+    assert report.updates == update
+    assert any(p.check == "config.oft_ddp" for p in report.problems) is warned
