@@ -11,7 +11,7 @@ from ft_appliance.state import checkpoints
 from ft_appliance.state.layout import MARKER
 from ft_appliance.tools.procs import kill_run
 
-from tests.helpers import max_abs_diff, run_cli, start_cli, trainer_state, wait_for
+from tests.helpers import max_abs_diff, read_adapter, run_cli, start_cli, trainer_state, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -73,3 +73,22 @@ def test_oft_trains_across_two_processes(make_config, tmp_path: Path) -> None:
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     assert "use_reentrant_gc: false (OFT under DDP" in res.stdout
     assert trainer_state(tmp_path / "output" / "oft")["global_step"] == 4
+
+
+def test_one_process_runs_without_torchrun_and_resumes_exactly(make_config, tmp_path: Path) -> None:
+    """--nproc 1 needs no process group: the worker runs as plain `python -m` (LlamaFactory then allows
+    what it refuses to distributed runs, layer-wise GaLore and APOLLO), and crash-resume still holds."""
+    one = ["--nproc", "1", "--backoff", "0.2"]
+    cfg = make_config("one", max_steps=40, save_steps=5)
+    out = tmp_path / "output" / "one"
+    sup = start_cli("train", str(cfg), *one, log=tmp_path / "log")
+    wait_for(lambda: (out / "checkpoint-10" / MARKER).exists(), 300, what="checkpoint-10 marked")
+    kill_run(sup, out)
+    launch = json.loads((out / ".ft" / "attempts" / "1" / "launch.json").read_text())
+    assert "torch.distributed.run" not in launch["argv"] and launch["argv"][1:3] == ["-m", "ft_appliance.worker"]
+    assert "distributed training: False" in (out / ".ft" / "attempts" / "1" / "output.log").read_text()
+    res = run_cli("train", str(cfg), *one, timeout=600)
+    assert res.returncode == 0 and "resuming from checkpoint-" in res.stdout, res.stdout[-3000:]
+    ref = run_cli("train", str(make_config("one-ref", max_steps=40, save_steps=5)), *one, timeout=600)
+    assert ref.returncode == 0, ref.stdout[-3000:]
+    assert max_abs_diff(read_adapter(out), read_adapter(tmp_path / "output" / "one-ref")) == 0.0

@@ -202,7 +202,7 @@ def test_training_processes_die_with_torchrun_too(make_config, tmp_path: Path) -
     """torchrun killed on its own (its death signal does not cover that): the ranks go with it."""
     cfg = make_config("agent", max_steps=400, save_steps=50)
     out = output_dir(cfg)
-    sup = start_cli("train", str(cfg), *FAST, "--max-restarts", "0", log=tmp_path / "log", env=fake_env())
+    sup = start_cli("train", str(cfg), "--nproc", "2", "--max-restarts", "0", log=tmp_path / "log", env=fake_env())
     wait_for(lambda: last_step(out) >= 5, 60, what="step 5")
     agent = [p for p in training_processes(out, 1) if "torch.distributed.run" in " ".join(p.cmdline())]
     ranks = [p for p in training_processes(out, 1) if p not in agent]

@@ -1,4 +1,5 @@
-"""Pure: a Plan and an attempt number in, the torchrun command to run out.
+"""Pure: a Plan and an attempt number in, the command to run out: torchrun, or the worker itself for
+one process that needs no process group.
 
 torchrun is started directly (`python -m torch.distributed.run`), not through `llamafactory-cli`,
 which re-splits its command line, turns every failure into exit code 1 and forwards no signal.
@@ -34,6 +35,8 @@ class LaunchSpec:
     cwd: Path
     log_path: Path
     """Where torchrun's output goes (attempts/N/output.log, or the spare's folder until adopted)."""
+    torchrun: bool = True
+    """False: argv is the one worker itself (its process is the rank, with no agent above it)."""
 
 
 def torchrun_argv(
@@ -66,6 +69,21 @@ def torchrun_argv(
     return argv
 
 
+def needs_torchrun(plan: Plan) -> bool:
+    """One process on one node runs as plain `python -m worker`: under torchrun LlamaFactory counts even
+    one process as distributed and refuses layer-wise GaLore and APOLLO, the single-GPU memory savers,
+    and the agent is one process more to start and stop. DeepSpeed and FSDP set up a process group
+    from torchrun's environment, so they keep it."""
+    args = plan.args
+    return plan.nproc > 1 or bool(plan.rendezvous.endpoint) or bool(args.get("deepspeed") or args.get("fsdp"))
+
+
+def launch_argv(plan: Plan, master_port: int, worker_args: list[str], module: str) -> list[str]:
+    if needs_torchrun(plan):
+        return torchrun_argv(plan.nproc, plan.rendezvous, master_port, worker_args, worker_module=module)
+    return [sys.executable, "-m", module, *worker_args]
+
+
 def _env(base_env: Mapping[str, str], supervisor_pid: int) -> dict[str, str]:
     # The workers watch their supervisor too (besides the death signal through torchrun).
     return {**DEFAULT_ENV, **base_env, "FT_SUPERVISOR_PID": str(supervisor_pid)}
@@ -75,8 +93,9 @@ def build_launch(
     plan: Plan, run_file: Path, log_path: Path, master_port: int, base_env: Mapping[str, str], supervisor_pid: int
 ) -> LaunchSpec:
     module = base_env.get(WORKER_MODULE_ENV) or WORKER_MODULE
-    argv = torchrun_argv(plan.nproc, plan.rendezvous, master_port, [str(run_file)], worker_module=module)
-    return LaunchSpec(argv=argv, env=_env(base_env, supervisor_pid), cwd=plan.workdir, log_path=log_path)
+    argv = launch_argv(plan, master_port, [str(run_file)], module)
+    env = _env(base_env, supervisor_pid)
+    return LaunchSpec(argv=argv, env=env, cwd=plan.workdir, log_path=log_path, torchrun=needs_torchrun(plan))
 
 
 def spare_allowed(plan: Plan) -> bool:
@@ -90,7 +109,9 @@ def spare_allowed(plan: Plan) -> bool:
 def build_spare(
     plan: Plan, go_file: Path, log_path: Path, master_port: int, base_env: Mapping[str, str], supervisor_pid: int
 ) -> LaunchSpec:
-    """A torchrun whose workers import the stack and wait for go_file, to become the next attempt."""
+    """Workers (under torchrun, as the attempt's would be) that import the stack and wait for go_file,
+    to become the next attempt."""
     module = base_env.get(WORKER_MODULE_ENV) or WORKER_MODULE
-    argv = torchrun_argv(plan.nproc, plan.rendezvous, master_port, ["--spare", str(go_file)], worker_module=module)
-    return LaunchSpec(argv=argv, env=_env(base_env, supervisor_pid), cwd=plan.workdir, log_path=log_path)
+    argv = launch_argv(plan, master_port, ["--spare", str(go_file)], module)
+    env = _env(base_env, supervisor_pid)
+    return LaunchSpec(argv=argv, env=env, cwd=plan.workdir, log_path=log_path, torchrun=needs_torchrun(plan))

@@ -60,6 +60,7 @@ class TrainingProcess:
             bufsize=1,
         )
         self._known: dict[int, psutil.Process] = {}
+        self.torchrun = spec.torchrun
         self._echo = echo
         self._switch = threading.Lock()
         self._reader = threading.Thread(target=self._pump, name="torchrun-output", daemon=True)
@@ -110,9 +111,10 @@ class TrainingProcess:
             pass
 
     def workers(self) -> list[psutil.Process]:
-        """torchrun's direct children: the training ranks."""
+        """The training ranks: torchrun's direct children, or the one worker launched without it."""
         try:
-            return psutil.Process(self.popen.pid).children(recursive=False)
+            root = psutil.Process(self.popen.pid)
+            return root.children(recursive=False) if self.torchrun else [root]
         except psutil.Error:
             return []
 

@@ -55,3 +55,16 @@ def test_spare_only_where_a_single_node_can_restart(tmp_path: Path) -> None:
     assert not spare_allowed(replace(plan, retry=RetryPolicy(spare=False)))  # --no-spare
     assert not spare_allowed(replace(plan, rendezvous=Rendezvous("2", "head:29400")))  # nodes restart together
     assert spare_allowed(replace(plan, nproc=3)) and not spare_allowed(replace(plan, nproc=4))  # host memory
+
+
+def test_one_process_without_a_process_group_runs_the_worker_itself(tmp_path: Path) -> None:
+    from ft_appliance.run.command import needs_torchrun
+
+    plan = Plan(tmp_path / "c.yaml", {"output_dir": str(tmp_path)}, tmp_path, 1, tmp_path)
+    spec = build_launch(plan, tmp_path / "run.json", tmp_path / "log", 1234, {}, supervisor_pid=7)
+    assert spec.argv[1:] == ["-m", "ft_appliance.worker", str(tmp_path / "run.json")]
+    assert not needs_torchrun(plan)
+    assert needs_torchrun(replace(plan, nproc=2))
+    assert needs_torchrun(replace(plan, args={"deepspeed": "ds_z3_config.json"}))
+    assert needs_torchrun(replace(plan, args={"fsdp": "full_shard"}))
+    assert needs_torchrun(replace(plan, rendezvous=Rendezvous("2", "head:29400")))
