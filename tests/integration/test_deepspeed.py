@@ -11,7 +11,7 @@ import pytest
 from ft_appliance.state.layout import MARKER
 from ft_appliance.tools.procs import kill_run
 
-from tests.helpers import REPO, run_cli, start_cli, wait_for, write_config
+from tests.helpers import REPO, read_adapter, run_cli, start_cli, wait_for, write_config
 from tests.integration.test_operator import _logits
 
 pytestmark = pytest.mark.slow
@@ -75,3 +75,25 @@ def test_a_zero3_checkpoint_without_consolidated_weights_exports_through_the_gat
     ids = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(1))
     got, want = _logits(copy / "export-checkpoint-4", ids), _logits(reference / "export-checkpoint-4", ids)
     assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+
+
+def test_zero3_lora_survives_a_sigkill_and_a_torn_shard_and_resumes_to_the_exact_adapter(
+    make_config, tmp_path: Path
+) -> None:
+    lora = {"deepspeed": str(DS3), "max_steps": 16, "save_steps": 4}
+    cfg = make_config("z3-lora", **lora)
+    out = tmp_path / "output" / "z3-lora"
+    sup = start_cli("train", str(cfg), *FAST, log=tmp_path / "log")
+    wait_for(lambda: (out / "checkpoint-8" / MARKER).exists(), 600, what="checkpoint-8 marked")
+    kill_run(sup, out)
+    newest = max(int(p.parent.name.split("-")[1]) for p in out.glob(f"checkpoint-*/{MARKER}"))
+    assert newest < 16, "the run finished before the kill"
+    [shard] = (out / f"checkpoint-{newest}" / f"global_step{newest}").glob("*rank_1_mp_rank_00_optim_states.pt")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    res = run_cli("train", str(cfg), *FAST, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert f"set aside checkpoint-{newest}" in res.stdout and f"resuming from checkpoint-{newest - 4}" in res.stdout
+    ref = run_cli("train", str(make_config("z3-lora-ref", **lora)), *FAST, timeout=900)
+    assert ref.returncode == 0, ref.stdout[-3000:]
+    a, b = read_adapter(out), read_adapter(tmp_path / "output" / "z3-lora-ref")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
