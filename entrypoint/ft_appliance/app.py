@@ -129,12 +129,14 @@ def pull(repo: str, revision: str | None, echo: Echo) -> Any:
     """`ft-appliance pull`: refused in one line where the hub is off (air-gapped use stays as it is)."""
     import os
 
+    from .errors import EXIT_ENVIRONMENT
+    from .preflight.facts import hub_offline
     from .stage.hub import pull as pull_repo
 
-    if os.environ.get("FT_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+    if hub_offline(os.environ):
         raise PreflightError(
             f"cannot pull {repo}: the hub is off here (FT_OFFLINE=1 or HF_HUB_OFFLINE=1); unset it, or copy the "
-            "model under /data/models", 8,
+            "model under /data/models", EXIT_ENVIRONMENT,
         )  # fmt: skip
     return pull_repo(repo, revision, lambda m: echo(f"[ft] {m}"), backoff_s=_hub_backoff())
 

@@ -90,7 +90,7 @@ def read_env(output_dir: Path, environ: Mapping[str, str] | None = None) -> EnvF
             pass
     except OSError as exc:
         writable, error = False, f"{type(exc).__name__}: {exc.strerror or exc}"
-    offline = environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or environ.get("FT_OFFLINE") == "1"
+    offline = hub_offline(environ)
     return EnvFacts(
         shm,
         _limit(resource.RLIMIT_MEMLOCK),
@@ -106,6 +106,11 @@ def read_env(output_dir: Path, environ: Mapping[str, str] | None = None) -> EnvF
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def hub_offline(environ: Mapping[str, str]) -> bool:
+    """The hub is off: air-gapped use (FT_OFFLINE=1), or huggingface_hub's own HF_HUB_OFFLINE."""
+    return environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or environ.get("FT_OFFLINE") == "1"
 
 
 def hub_id(name: str, workdir: Path) -> str | None:

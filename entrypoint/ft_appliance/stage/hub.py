@@ -16,9 +16,8 @@ from typing import Any
 
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
-from ..errors import PreflightError
+from ..errors import EXIT_ENVIRONMENT, EXIT_INPUTS, PreflightError
 
-EXIT_ENVIRONMENT, EXIT_INPUTS = 8, 9
 ATTEMPTS = 5
 
 
