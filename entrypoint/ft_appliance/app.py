@@ -147,13 +147,13 @@ def _hub_backoff() -> float:
     return float(os.environ.get("FT_HUB_BACKOFF_S", "2.0"))
 
 
-def stage_hub(plan: Plan, inventory: Any, opts: RunOptions, echo: Echo) -> Plan:
+def stage_hub(plan: Plan, inventory: Any, echo: Echo) -> Plan:
     """A hub model not yet in the volume's cache is downloaded here, once, by the run's owner; then the
     model checks run on the files, and every worker loads them offline."""
     import os
 
     from .preflight.facts import cached_snapshot, hub_id
-    from .preflight.gate import check, raise_on_errors
+    from .preflight.gate import check_model_files
     from .stage.hub import pull
 
     repo = hub_id(str(plan.args.get("model_name_or_path", "")), plan.workdir)
@@ -163,8 +163,7 @@ def stage_hub(plan: Plan, inventory: Any, opts: RunOptions, echo: Echo) -> Plan:
     if cached_snapshot(repo, revision) is None:
         got = pull(repo, revision, lambda m: echo(f"[ft] {m}"), backoff_s=_hub_backoff())
         echo(f"[ft] staged {repo}@{got.revision[:12]}: {got.files} files in {got.path}")
-        result = check(plan, inventory, opts.keep_effective_batch, not opts.no_profile, opts.allow_config_change)
-        raise_on_errors(result)  # the model's own checks, now that its files are here
+        check_model_files(plan, inventory)  # the model's own checks, now that its files are here
     for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # the workers (and spares) inherit these
         os.environ[key] = "1"
     return plan
@@ -204,7 +203,7 @@ def train(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutdown, echo
     try:
         with lock.own(sd, plan.timeouts.stop_grace_s + 30, lambda m: echo(f"[ft] {m}")):
             shutdown.check()
-            plan = stage_hub(plan, inventory, opts, echo)
+            plan = stage_hub(plan, inventory, echo)
             write_run_meta(plan, world_size(plan))
             write_config_record(as_configured)
             plan = maybe_autotune(plan, inventory, opts, shutdown, echo)

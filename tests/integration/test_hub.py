@@ -89,3 +89,19 @@ def test_progress_lines_off_a_terminal_say_how_far_the_download_got(tmp_path: Pa
         time.sleep(0.5)
     assert "downloading models--acme--big: 1 of 4 MiB (25%)" in lines
     assert lines[-1] == "downloading models--acme--big: 3 of 4 MiB (75%)"
+
+
+def test_a_downloaded_model_is_checked_before_any_worker_starts(make_config, tmp_path: Path, hub, demo_root) -> None:
+    import shutil
+
+    torn = tmp_path / "torn-llama"
+    shutil.copytree(demo_root / "models" / "tiny-llama", torn)
+    weights = torn / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a repo with a torn upload
+    hub.add("acme/torn-llama", torn)
+    cfg = make_config("torn", model_name_or_path="acme/torn-llama", max_steps=10)
+    res = run_cli("train", str(cfg), *FAST, env=online(hub, tmp_path), timeout=300)
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.returncode == 9 and len(lines) == 1 and "model.safetensors" in lines[0], res.stderr[-2000:]
+    assert "staged acme/torn-llama@" in res.stdout
+    assert not (tmp_path / "output" / "torn" / ".ft" / "attempts").exists()  # nothing launched

@@ -25,6 +25,9 @@ from .checks import (
     SPECIAL_TOKEN_RE,
     Report,
     check_config_change,
+    check_memory,
+    check_model,
+    check_template,
     exit_code_for,
     run_checks,
     settings_of,
@@ -195,6 +198,21 @@ def check(
         tweaks = apply_profile(report, {**args, **report.updates}, inventory, model.config, world)
     new_plan = replace(plan, args={**plan.args, **report.updates}, notes=(*plan.notes, *report.notes), tweaks=tweaks)
     return GateResult(new_plan, report, inventory)
+
+
+def check_model_files(plan: Plan, inventory: Inventory | None) -> None:
+    """After a hub download: the checks that need the model's files, which preflight ran before they were
+    here. Only these: the config, datasets and environment were judged already, and a big dataset is
+    not parsed twice."""
+    args = plan.args
+    _, templates = schema_and_templates()
+    model = read_model(str(args.get("model_name_or_path", "")), plan.workdir, args.get("model_revision"))
+    report = Report()
+    check_model(model, read_env(plan.output_dir), report)
+    check_template(args, templates, model, report)
+    if inventory is not None:
+        check_memory(inventory, model, args, world_size(plan), report)
+    raise_on_errors(GateResult(plan, report, inventory))
 
 
 def _installation_and_layout(plan: Plan, model: Any, report: Report) -> None:
