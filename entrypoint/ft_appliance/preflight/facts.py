@@ -132,14 +132,12 @@ def cached_snapshot(repo: str, revision: str | None, repo_type: str = "model") -
 
 def read_model(name: str, workdir: Path, revision: str | None = None) -> ModelFacts:
     """A hub id is read from its cached snapshot when there is one (staged earlier)."""
-    path = Path(name)
-    if not path.is_absolute():
-        path = workdir / path
     if hub_id(name, workdir):
-        snapshot = cached_snapshot(name, revision)
-        if snapshot is None:
+        path = cached_snapshot(name, revision)
+        if path is None:
             return ModelFacts(name, None)
-        path = snapshot
+    else:
+        path = Path(name) if Path(name).is_absolute() else workdir / name
     if not path.is_dir():
         return ModelFacts(name, path, error="does not exist" if not path.exists() else "is not a directory")
     files = {p.name for p in path.iterdir() if p.is_file()}

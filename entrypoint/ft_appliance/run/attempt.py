@@ -31,7 +31,7 @@ from ..state.records import (
     StopRecord,
     WorkerFailure,
 )
-from .command import build_launch, needs_torchrun
+from .command import build_launch
 from .process import TrainingProcess, free_port
 from .signals import Shutdown
 from .spare import WarmPool
@@ -137,7 +137,7 @@ class Attempt:
         else:
             spec = build_launch(self.plan, run_file, log, free_port(), self.env, os.getpid())
             argv, proc = spec.argv, TrainingProcess(spec, console)
-            how = "under torchrun" if needs_torchrun(self.plan) else "as one process (no process group needed)"
+            how = "under torchrun" if spec.torchrun else "as one process (no process group needed)"
             self.say(f"launch: {self.plan.nproc} training process(es) {how}")
         self.say(f"full log: {log}" + ("" if self.verbose else " (--verbose streams it here)"))
         if self.verbose:

@@ -149,8 +149,7 @@ def _check_content(ckpt: Path) -> tuple[bool, str, bool]:
     if problem:
         return False, problem, False
     for name in VALUE_HEAD_FILES:
-        path = ckpt / name
-        if path.exists() and (problem := check_safetensors(path) if name.endswith(".safetensors") else check_zip(path)):
+        if (ckpt / name).exists() and (problem := _check_shard(ckpt / name)):
             return False, problem, False
     for name in ("optimizer.pt", "scheduler.pt", "scaler.pt"):
         if (ckpt / name).exists() and (problem := check_zip(ckpt / name)):

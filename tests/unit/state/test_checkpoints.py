@@ -130,3 +130,12 @@ def test_the_judge_knows_deepspeeds_layout(tmp_path: Path, damage, reason: str |
     assert c.complete is (reason is None), c.reason
     if reason:
         assert reason in c.reason
+
+
+def test_a_torn_value_head_is_judged_by_content(tmp_path: Path) -> None:
+    ckpt = make_ckpt(tmp_path, 40)
+    save_file({"v_head.summary.weight": torch.randn(1, 8)}, str(ckpt / "value_head.safetensors"))
+    assert checkpoints.scan(tmp_path)[0].complete
+    truncate(ckpt / "value_head.safetensors")
+    [c] = checkpoints.scan(tmp_path)
+    assert not c.complete and "value_head.safetensors is truncated" in c.reason
