@@ -112,30 +112,29 @@ def demo(directory: Path, max_steps: int, save_steps: int, opts: RunOptions) -> 
     _run(config, (), opts, cpu_fallback=2)
 
 
+def _soak_count(flag: str, default: int, help: str) -> Callable[[Callable], Callable]:
+    """How many of one fault the soak injects; its FT_SOAK_* mirror is named after the flag."""
+    envvar = "FT_SOAK_" + flag.removeprefix("--").replace("-", "_").upper()
+    return click.option(flag, type=click.IntRange(min=0), default=default, show_default=True, envvar=envvar,
+                        show_envvar=True, help=help)  # fmt: skip
+
+
 @cli.command(epilog=EPILOG)
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=Path("ft-soak"), required=False)
 @click.option(
     "--config", "config", type=click.Path(exists=True, dir_okay=False, path_type=Path), envvar="FT_CONFIG",
     show_envvar=True, help="LlamaFactory YAML to soak (needs max_steps) [default: the demo config].",
 )  # fmt: skip
-@click.option("--kills", type=click.IntRange(min=0), default=6, show_default=True, envvar="FT_SOAK_KILLS",
-              show_envvar=True, help="SIGKILLs of the whole process tree (some timed to land in a save).")  # fmt: skip
-@click.option("--terms", type=click.IntRange(min=0), default=2, show_default=True, envvar="FT_SOAK_TERMS",
-              show_envvar=True, help="SIGTERMs (graceful stops).")  # fmt: skip
-@click.option("--supervisor-kills", type=click.IntRange(min=0), default=1, show_default=True,
-              envvar="FT_SOAK_SUPERVISOR_KILLS", show_envvar=True,
-              help="SIGKILLs of the supervisor alone (its training processes must follow it).")  # fmt: skip
-@click.option("--second-starts", type=click.IntRange(min=0), default=1, show_default=True,
-              envvar="FT_SOAK_SECOND_STARTS", show_envvar=True,
-              help="Second starts on the live run (refused, exit 10), each followed by a SIGTERM.")  # fmt: skip
-@click.option("--config-changes", type=click.IntRange(min=0), default=1, show_default=True,
-              envvar="FT_SOAK_CONFIG_CHANGES", show_envvar=True,
-              help="Whole-tree SIGKILLs followed by a restart with another lora_rank (refused, exit 3).")  # fmt: skip
-@click.option("--hangs", type=click.IntRange(min=0), default=1, show_default=True, envvar="FT_SOAK_HANGS",
-              show_envvar=True, help="SIGSTOPs of a rank: the supervisor must detect the hang and resume.")  # fmt: skip
-@click.option("--disk-fulls", type=click.IntRange(min=0), default=0, show_default=True, envvar="FT_SOAK_DISK_FULLS",
-              show_envvar=True, help="Volume fills during training (exit 8 in one line, then a resume once space "
-              "is freed). The soaked run then lives on a tmpfs of --volume-mib (needs root).")  # fmt: skip
+@_soak_count("--kills", 6, "SIGKILLs of the whole process tree (some timed to land in a save).")
+@_soak_count("--terms", 2, "SIGTERMs (graceful stops).")
+@_soak_count("--supervisor-kills", 1, "SIGKILLs of the supervisor alone (its training processes must follow it).")
+@_soak_count("--second-starts", 1, "Second starts on the live run (refused, exit 10), each followed by a SIGTERM.")
+@_soak_count(
+    "--config-changes", 1, "Whole-tree SIGKILLs followed by a restart with another lora_rank (refused, exit 3)."
+)
+@_soak_count("--hangs", 1, "SIGSTOPs of a rank: the supervisor must detect the hang and resume.")
+@_soak_count("--disk-fulls", 0, "Volume fills during training (exit 8 in one line, then a resume once space is freed). "
+             "The soaked run then lives on a tmpfs of --volume-mib (needs root).")  # fmt: skip
 @click.option("--volume-mib", type=click.IntRange(min=32), default=128, show_default=True,
               envvar="FT_SOAK_VOLUME_MIB", show_envvar=True,
               help="Size of the tmpfs the soaked run lives on with --disk-fulls.")  # fmt: skip
