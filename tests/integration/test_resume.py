@@ -4,7 +4,6 @@ finished runs, SIGTERM, crash loops, hangs, and bit-exact continuation. 2 CPU pr
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
@@ -19,6 +18,8 @@ import yaml
 from ft_appliance.state.files import read_jsonl
 from ft_appliance.state.layout import MARKER
 from ft_appliance.tools.procs import for_each_alive, kill_run, worker_ranks
+from ft_appliance.tools.soak import fill
+from ft_appliance.tools.soak import small_volume as tmpfs
 
 from tests.helpers import (
     killing_every_launch,
@@ -417,11 +418,8 @@ def small_volume(tmp_path: Path):
     """A 96 MiB tmpfs (mounting needs root: CI and the development machines run as root)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a small volume needs root")
-    vol = tmp_path / "vol"
-    vol.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(vol)], check=True)
-    yield vol
-    subprocess.run(["umount", "-l", str(vol)], check=False)
+    with tmpfs(tmp_path / "vol", 96) as vol:  # the soak's own mount, unmounted after the test
+        yield vol
 
 
 def test_a_volume_that_fills_up_ends_in_one_line_and_exit_8_then_resumes(make_config, small_volume, tmp_path) -> None:
@@ -429,14 +427,7 @@ def test_a_volume_that_fills_up_ends_in_one_line_and_exit_8_then_resumes(make_co
     out = small_volume / "run"
     sup = start_cli("train", str(cfg), *FAST, log=tmp_path / "log")
     wait_for(lambda: (out / "checkpoint-10" / MARKER).exists() and last_step(out) >= 13, 180, what="checkpoint-10")
-    ballast = small_volume / "ballast"
-    with open(ballast, "wb") as fh:  # the volume fills up (another job, logs, a dataset cache)
-        try:
-            while True:
-                fh.write(b"\0" * 2**20)
-                fh.flush()
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
+    ballast = fill(small_volume)  # the volume fills up (another job, logs, a dataset cache)
     assert sup.wait(240) == 8, (tmp_path / "log").read_text()[-3000:]
     lines = [ln for ln in (tmp_path / "log").read_text().splitlines() if ln.startswith("ft-appliance: ")]
     assert len(lines) == 1 and "is full (0 MiB free): free space" in lines[0] and "nothing was deleted" in lines[0]
