@@ -211,7 +211,7 @@ class SoakRunner:
                 if rc != 0:
                     self.failures.append(f"final start exited {rc}: see {self.log}")
                 break
-            event = self._inject(number, kind, sup, attempt)
+            event = self._inject(number, kind, sup, attempt, left=len(kinds) - number + 1)
             if event is None:
                 break
             if event.kind != "skipped":
@@ -234,8 +234,10 @@ class SoakRunner:
         if self._wait_step(self.out, sup, (pending.resumed_from or 0) + 1, attempt):
             pending.seconds_to_first_step = round(time.monotonic() - self.killed_at, 1)
 
-    def _inject(self, number: int, kind: str, sup: subprocess.Popen, attempt: int) -> SoakEvent | None:
-        """One fault; None when the run ended before it could land (a failure is recorded)."""
+    def _inject(self, number: int, kind: str, sup: subprocess.Popen, attempt: int, left: int) -> SoakEvent | None:
+        """One fault; None when the run ended before it could land (a failure is recorded).
+        left: the faults still to inject, this one included; each gets at most its share of the
+        remaining steps, so that every one of them lands before the run finishes."""
         out = self.out
         current, _ = _last_step(out)
         room = self.max_steps - current
@@ -245,7 +247,8 @@ class SoakRunner:
         if kind == "SIGKILL-save" and self._wait_save_start(out, sup, current) is None:
             kind = "SIGKILL"
         if kind != "SIGKILL-save":
-            target = current + self.rng.randint(1, max(1, min(room - 2, 2 * self.save_steps)))
+            share = (room - 2) // left
+            target = current + self.rng.randint(1, max(1, min(share, 2 * self.save_steps)))
             if not self._wait_step(out, sup, target, attempt):
                 self.failures.append(f"event {number}: the run ended before step {target}: see {self.log}")
                 return None
