@@ -7,6 +7,7 @@ Heavy imports stay inside the functions, so `--help`, `status` and `health` neve
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -46,7 +47,7 @@ def make_plan(
         workdir=opts.workdir,
         retry=run.retry(),
         timeouts=run.timeouts(),
-        rendezvous=opts.rendezvous(),
+        topology=opts.topology(os.environ),
     )
     return plan, inventory
 
@@ -186,8 +187,6 @@ def maybe_autotune(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutd
 
 def train(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutdown, echo: Echo) -> RunResult:
     """A finished run is reported before anything else runs; then preflight, ownership, supervision."""
-    from .preflight.gate import world_size, write_config_record, write_run_meta
-    from .run.loop import Supervisor
     from .state import lock
 
     if is_finished(plan.output_dir):
@@ -199,19 +198,89 @@ def train(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutdown, echo
     as_configured = plan  # the fingerprint compares configs, not the profile's or autotune's choices
     plan = preflight(plan, inventory, opts, echo)
     echo(f"[ft] {banner(plan, inventory)}")
+    t = plan.topology
+    if t.multi_node:
+        echo(f"[ft] nodes: {t.describe()}")
     sd = StateDir(plan.output_dir)
+    slot = t.node_rank if not t.head else None  # node K > 0 holds its slot; the head owns the run
     try:
-        with lock.own(sd, plan.timeouts.stop_grace_s + 30, lambda m: echo(f"[ft] {m}")):
+        with lock.own(sd, plan.timeouts.stop_grace_s + 30, lambda m: echo(f"[ft] {m}"), node=slot):
             shutdown.check()
-            plan = stage_hub(plan, inventory, echo)
-            write_run_meta(plan, world_size(plan))
-            write_config_record(as_configured)
-            plan = maybe_autotune(plan, inventory, opts, shutdown, echo)
-            shutdown.check()
-            sup = Supervisor(plan, echo, shutdown, metrics_port=opts.metrics_port, verbose=opts.verbose)
-            return notified(sup, echo)
+            if not t.head:
+                return follow(plan, as_configured, opts, shutdown, echo)
+            return lead(plan, as_configured, inventory, opts, shutdown, echo)
     except ShutdownRequested as exc:
         raise Stopped("stopped before training started; start again to train", exc.signum) from None
+
+
+def lead(
+    plan: Plan, as_configured: Plan, inventory: Any, opts: RunOptions, shutdown: Shutdown, echo: Echo
+) -> RunResult:
+    """The run's owner: a single node, or the head of a multi-node job."""
+    from .preflight.gate import world_size, write_config_record, write_run_meta
+    from .run import job as jobs
+    from .run.loop import Supervisor
+
+    plan = stage_hub(plan, inventory, echo)
+    write_run_meta(plan, world_size(plan))
+    write_config_record(as_configured)
+    t = plan.topology
+    if not t.multi_node:
+        plan = maybe_autotune(plan, inventory, opts, shutdown, echo)
+    shutdown.check()
+    job = None
+    if t.multi_node:  # every node must have joined before the first launch
+        port = jobs.control_port(t, opts.control_port)
+        digest = jobs.config_hash(as_configured.args)
+        job = jobs.lead(StateDir(plan.output_dir), t, digest, port, plan.timeouts.join_s, _say(echo), shutdown.check)
+    try:
+        sup = Supervisor(plan, echo, shutdown, metrics_port=opts.metrics_port, verbose=opts.verbose, job=job)
+        return notified(sup, echo)
+    finally:
+        if job is not None:
+            job.close()
+
+
+def follow(plan: Plan, as_configured: Plan, opts: RunOptions, shutdown: Shutdown, echo: Echo) -> RunResult:
+    """Node K > 0: join the head, then launch its part of each attempt the head writes."""
+    from .run import job as jobs
+    from .run.follower import Follower
+
+    t = plan.topology
+    port = jobs.control_port(t, opts.control_port)
+    digest = jobs.config_hash(as_configured.args)
+    sd = StateDir(plan.output_dir)
+
+    def join() -> jobs.Job:
+        joined = jobs.follow(sd, t, digest, port, plan.timeouts.join_s, _say(echo), shutdown.check)
+        stage_hub_follower(plan)
+        return joined
+
+    return Follower(plan, join, echo, shutdown, verbose=opts.verbose).run()
+
+
+def _say(echo: Echo) -> Echo:
+    return lambda m: echo(f"[ft] {m}")
+
+
+def stage_hub_follower(plan: Plan) -> None:
+    """The head staged a hub model into the shared cache; this node loads it offline from there."""
+    import os
+
+    from .errors import EXIT_INPUTS
+    from .preflight.facts import cached_snapshot, hub_id
+
+    repo = hub_id(str(plan.args.get("model_name_or_path", "")), plan.workdir)
+    if repo is None:
+        return
+    if cached_snapshot(repo, plan.args.get("model_revision")) is None:
+        raise PreflightError(
+            f"the head staged {repo}, but this node's HF_HOME ({os.environ.get('HF_HOME', '~/.cache/huggingface')}) "
+            "does not hold it: put HF_HOME on the shared volume of every node (the image's: /data/.cache/huggingface)",
+            EXIT_INPUTS,
+        )
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ[key] = "1"
 
 
 def notified(sup: Any, echo: Echo) -> RunResult:

@@ -6,14 +6,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .config.plan import Rendezvous, RetryPolicy, Timeouts
+from .config.plan import RetryPolicy, Timeouts
+from .config.topology import Topology, resolve
+
+# The node-layout options: option name -> (fact in config/topology.py, FT_* mirror).
+TOPOLOGY_OPTIONS = {
+    "nnodes": ("nnodes", "FT_NNODES"),
+    "node_rank": ("node_rank", "FT_NODE_RANK"),
+    "master_addr": ("master_addr", "FT_MASTER_ADDR"),
+    "master_port": ("master_port", "FT_MASTER_PORT"),
+    "rdzv_endpoint": ("rdzv_endpoint", "FT_RDZV_ENDPOINT"),
+    "rdzv_id": ("rdzv_id", "FT_RDZV_ID"),
+}
 
 
 @dataclass(frozen=True)
@@ -21,17 +32,29 @@ class PreflightOptions:
     nproc: int | None = None
     cpu: bool = False
     workdir: Path | None = None
-    nnodes: str = "1"
+    nnodes: str | None = None
+    node_rank: str | None = None
+    master_addr: str | None = None
+    master_port: str | None = None
     rdzv_endpoint: str | None = None
-    rdzv_id: str = "ft-appliance"
+    rdzv_id: str | None = None
+    topology_sources: tuple[tuple[str, str], ...] = ()
+    """(option name, "--option" or its FT_* variable) for the node-layout options that were given."""
     no_profile: bool = False
     keep_effective_batch: bool = False
     allow_config_change: bool = False
     inventory: Path | None = None
     json_mode: bool = False
 
-    def rendezvous(self) -> Rendezvous:
-        return Rendezvous(nnodes=self.nnodes, endpoint=self.rdzv_endpoint, run_id=self.rdzv_id)
+    def topology(self, env: Mapping[str, str]) -> Topology:
+        """Options first, then the launchers' and schedulers' variables (config/topology.py)."""
+        where = dict(self.topology_sources)
+        explicit = {
+            TOPOLOGY_OPTIONS[name][0]: (str(getattr(self, name)), where.get(name, "--" + name.replace("_", "-")))
+            for name in TOPOLOGY_OPTIONS
+            if getattr(self, name) is not None
+        }
+        return resolve(explicit, env)
 
 
 @dataclass(frozen=True)
@@ -46,6 +69,8 @@ class RunOptions(PreflightOptions):
     no_autotune: bool = False
     metrics_port: int | None = None
     verbose: bool = False
+    control_port: int | None = None
+    join_timeout: float = 600.0
 
     def retry(self) -> RetryPolicy:
         # The backoff doubles from --backoff up to a minute (or --backoff itself when larger).
@@ -58,7 +83,10 @@ class RunOptions(PreflightOptions):
         )
 
     def timeouts(self) -> Timeouts:
-        return Timeouts(stop_grace_s=self.stop_grace, hang_s=self.hang_timeout, startup_s=self.startup_timeout)
+        return Timeouts(
+            stop_grace_s=self.stop_grace, hang_s=self.hang_timeout, startup_s=self.startup_timeout,
+            join_s=self.join_timeout,
+        )  # fmt: skip
 
 
 def _opt(*names: str, envvar: str | list[str], **kw: Any) -> Callable[[Callable], Callable]:
@@ -88,18 +116,35 @@ PREFLIGHT = [
     ),
     _opt(
         "--nnodes",
-        default="1",
-        show_default=True,
         envvar="FT_NNODES",
-        help="Nodes (N or MIN:MAX) for multi-node runs through torchrun's rendezvous.",
+        help="Nodes in the job [default: NNODES, PET_NNODES, SLURM_NNODES, SKYPILOT_NUM_NODES, else 1].",
     ),
-    _opt("--rdzv-endpoint", envvar="FT_RDZV_ENDPOINT", help="host:port of the c10d rendezvous (multi-node)."),
+    _opt(
+        "--node-rank",
+        envvar="FT_NODE_RANK",
+        help="This node's rank, 0 on the head [default: NODE_RANK, PET_NODE_RANK, JOB_COMPLETION_INDEX, "
+        "SLURM_NODEID, SKYPILOT_NODE_RANK].",
+    ),
+    _opt(
+        "--master-addr",
+        envvar="FT_MASTER_ADDR",
+        help="The head node's address [default: MASTER_ADDR, PET_MASTER_ADDR, the first host of "
+        "SLURM_JOB_NODELIST or SKYPILOT_NODE_IPS].",
+    ),
+    _opt(
+        "--master-port",
+        envvar="FT_MASTER_PORT",
+        help="The head's rendezvous port [default: MASTER_PORT, PET_MASTER_PORT, 29500].",
+    ),
+    _opt(
+        "--rdzv-endpoint",
+        envvar="FT_RDZV_ENDPOINT",
+        help="HOST:PORT of a c10d rendezvous (torchrun's dynamic one) instead of the static one at the head.",
+    ),
     _opt(
         "--rdzv-id",
-        default="ft-appliance",
-        show_default=True,
         envvar="FT_RDZV_ID",
-        help="Rendezvous id shared by the nodes of one job.",
+        help="Rendezvous id shared by the nodes of one job [default: SLURM_JOB_ID, else ft-appliance].",
     ),
     _opt(
         "--no-profile",
@@ -187,6 +232,20 @@ SUPERVISION = [
         help="Seconds allowed from launch to the first step.",
     ),
     _opt(
+        "--join-timeout",
+        type=click.FloatRange(min=1),
+        default=600.0,
+        show_default=True,
+        envvar="FT_JOIN_TIMEOUT_S",
+        help="Multi-node: seconds the head waits for every node to join (before each attempt), and a node for a head.",
+    ),
+    _opt(
+        "--control-port",
+        type=click.IntRange(min=1, max=65535),
+        envvar="FT_CONTROL_PORT",
+        help="Multi-node: the head's port for the nodes' supervisors [default: the rendezvous port + 1].",
+    ),
+    _opt(
         "--no-spare",
         is_flag=True,
         envvar="FT_NO_SPARE",
@@ -217,6 +276,17 @@ SUPERVISION = [
 ]
 
 
+def _topology_sources(values: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """Where each given node-layout option came from: the command line or its FT_* variable."""
+    ctx = click.get_current_context()
+    out = []
+    for name, (_, var) in TOPOLOGY_OPTIONS.items():
+        if values.get(name) is not None:
+            env = ctx.get_parameter_source(name) is click.core.ParameterSource.ENVIRONMENT
+            out.append((name, var if env else "--" + name.replace("_", "-")))
+    return tuple(out)
+
+
 def _folded(cls: type, options: list[Callable]) -> Callable[[Callable], Callable]:
     """Adds the options to a command and hands them to it as one `opts` dataclass."""
     names = {f.name for f in dataclasses.fields(cls)}
@@ -224,7 +294,10 @@ def _folded(cls: type, options: list[Callable]) -> Callable[[Callable], Callable
     def decorate(f: Callable) -> Callable:
         @functools.wraps(f)
         def command(**kw: Any) -> Any:
-            opts = cls(**{k: kw.pop(k) for k in list(kw) if k in names})
+            values = {k: kw.pop(k) for k in list(kw) if k in names}
+            if "topology_sources" in names:
+                values["topology_sources"] = _topology_sources(values)
+            opts = cls(**values)
             return f(opts=opts, **kw)
 
         for opt in reversed(options):

@@ -137,10 +137,10 @@ CORPUS: list[tuple[str, Callable[[Case], None], int, str]] = [
     ("bf16 on a CPU run", upd(bf16=True), 3, "bf16/fp16 mixed precision needs a GPU and this is a CPU run"),
     ("liger not installed", upd(enable_liger_kernel=True), 3, "enable_liger_kernel needs liger-kernel"),
     (
-        "several nodes",
+        "several nodes, no node rank",
         lambda c: c.extra.extend(["--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29400"]),
         3,
-        "multi-node runs (--nnodes 2) are not supported yet",
+        "2 nodes, but this node's rank is unknown: set NODE_RANK (0 on the head node), or pass --node-rank",
     ),
     ("model dir missing", upd(model_name_or_path="/nowhere/model"), 9, "model directory /nowhere/model does not exist"),
     ("no weights", rm("models/tiny-llama/model.safetensors"), 9, "has no weights (*.safetensors or *.bin)"),

@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[2] / "entrypoint" / "ft_appliance"
-PURE = sorted(PKG.glob("policy/*.py")) + [PKG / "preflight" / "checks.py", PKG / "run" / "command.py"]
+PURE = sorted(PKG.glob("policy/*.py")) + [
+    PKG / "preflight" / "checks.py",
+    PKG / "run" / "command.py",
+    PKG / "config" / "topology.py",
+]
 # What pure modules may import: the standard library's data and text modules, and plain data types.
 PURE_ALLOWED = {
     "__future__",
@@ -27,6 +31,7 @@ PURE_ALLOWED = {
     "typing",
     "ft_appliance.config.args",
     "ft_appliance.config.plan",
+    "ft_appliance.config.topology",
     "ft_appliance.errors",
     "ft_appliance.state.records",
     "ft_appliance.preflight.facts",  # the facts' dataclasses

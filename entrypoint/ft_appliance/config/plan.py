@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError
+from .topology import Topology
 
 
 def data_root() -> Path:
@@ -51,16 +52,8 @@ class Timeouts:
     """No training step for this long (after the first) means a hang: kill and restart."""
     startup_s: float = 3600.0
     """Time allowed from launch to the first step (model load, tokenisation)."""
-
-
-@dataclass(frozen=True)
-class Rendezvous:
-    """torchrun's node layout; single node unless the scheduler says otherwise."""
-
-    nnodes: str = "1"
-    endpoint: str | None = None
-    """host:port of the c10d rendezvous for multi-node runs; single node uses 127.0.0.1."""
-    run_id: str = "ft-appliance"
+    join_s: float = 600.0
+    """Multi-node: how long the head waits for the other nodes to join, and they for the head."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +66,8 @@ class Plan:
     workdir: Path
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     timeouts: Timeouts = field(default_factory=Timeouts)
-    rendezvous: Rendezvous = field(default_factory=Rendezvous)
+    topology: Topology = field(default_factory=Topology)
+    """Which node of the job this is (config/topology.py); one node unless the scheduler says otherwise."""
     notes: tuple[str, ...] = ()
     """Policy decisions worth a log line ("overwrite_output_dir forced off: ...")."""
     tweaks: tuple[str, ...] = ()
@@ -177,7 +171,7 @@ def build_plan(
     workdir: Path | None = None,
     retry: RetryPolicy | None = None,
     timeouts: Timeouts | None = None,
-    rendezvous: Rendezvous | None = None,
+    topology: Topology | None = None,
 ) -> Plan:
     workdir = (workdir or Path(os.getcwd())).resolve()
     file_args = read_yaml(config_path)
@@ -194,6 +188,6 @@ def build_plan(
         workdir=workdir,
         retry=retry or RetryPolicy(),
         timeouts=timeouts or Timeouts(),
-        rendezvous=rendezvous or Rendezvous(),
+        topology=topology or Topology(),
         notes=tuple(notes),
     )

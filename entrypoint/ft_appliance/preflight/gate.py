@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import re
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -133,9 +132,7 @@ def write_run_meta(plan: Plan, world: int) -> None:
 
 
 def world_size(plan: Plan) -> int:
-    nodes = plan.rendezvous.nnodes
-    n = int(nodes) if re.fullmatch(r"\d+", nodes) else int(nodes.split(":")[-1] or 1)
-    return plan.nproc * n
+    return plan.nproc * plan.topology.nnodes
 
 
 def resolve_gpu_plan(
@@ -221,14 +218,6 @@ def _installation_and_layout(plan: Plan, model: Any, report: Report) -> None:
     resume = args.get("resume_from_checkpoint")
     if isinstance(resume, str) and resume and (why := _resume_problem(resume, plan.workdir)):
         report.add("model.resume", f"resume_from_checkpoint {resume} {why}: fix the path or remove the key")
-    if plan.rendezvous.endpoint or plan.rendezvous.nnodes != "1":
-        # Each node's supervisor would number attempts and set checkpoints aside on its own in one
-        # shared state folder (review 2026-12-01, item 2): refused until nodes have one owner per job.
-        report.add(
-            "config.nnodes",
-            f"multi-node runs (--nnodes {plan.rendezvous.nnodes}) are not supported yet: the supervisors of the "
-            "nodes would race over one state folder; train on one node (drop --nnodes/--rdzv-endpoint)",
-        )
     if args.get("enable_liger_kernel") and importlib.util.find_spec("liger_kernel") is None:
         report.add(
             "config.liger",

@@ -18,6 +18,7 @@ from ..policy.console import message_key, shown
 from ..policy.progress import format_progress
 from ..policy.watch import Limits, decide
 from ..state import checkpoints
+from ..state.checkpoints import step_of
 from ..state.layout import BadRecord, StateDir, append_record, read_record, read_record_or_none, write_record
 from ..state.records import (
     AttemptOutcome,
@@ -26,12 +27,14 @@ from ..state.records import (
     Event,
     GoFile,
     LaunchRecord,
+    NodeEnd,
     RunFile,
     RunState,
     StopRecord,
     WorkerFailure,
 )
 from .command import build_launch
+from .job import Job
 from .process import TrainingProcess, free_port
 from .signals import Shutdown
 from .spare import WarmPool
@@ -80,20 +83,60 @@ class Attempt:
     echo: Callable[[str], None]
     env: Mapping[str, str]
     verbose: bool = False
+    job: Job | None = None
+    """A multi-node job: the head writes the run file, every node launches its part of it."""
 
     def say(self, msg: str) -> None:
         self.echo(f"[ft] {msg}")
 
+    @property
+    def node(self) -> int:
+        return self.job.node if self.job else 0
+
     def run(self) -> AttemptOutcome:
+        """The head's (or a single node's) attempt: it chooses the checkpoint and writes the run file."""
         chosen = self.choose_checkpoint()
         start_step = chosen.step if chosen is not None else 0
         self.sd.stopped.unlink(missing_ok=True)
-        proc = self.launch(chosen)
+        return self._watched(self.launch(chosen), start_step)
+
+    def run_part(self, run: RunFile) -> AttemptOutcome:
+        """Node K's part of the head's attempt: the head chose the checkpoint; this node launches."""
+        self.status.attempt = self.number
+        spec = build_launch(
+            self.plan, self.sd.run_file(self.number), self.sd.output_log(self.number, self.node), 0, self.env,
+            os.getpid(),
+        )  # fmt: skip
+        self.say(f"attempt {self.number}: node {self.node} launches {self.plan.nproc} training process(es)")
+        self.say(f"full log: {spec.log_path}")
+        return self._watched(
+            TrainingProcess(spec, WorkerConsole(self.echo, self.verbose)), step_of(run.resume_from) or 0
+        )
+
+    def _watched(self, proc: TrainingProcess, start_step: int) -> AttemptOutcome:
         try:
             hung, stop_sig = self.monitor(proc)
         finally:
             proc.close()
+        if self.job is not None:
+            end = NodeEnd(
+                self.node, self.number, proc.returncode if proc.returncode is not None else -1, hung, time.time()
+            )
+            write_record(self.sd.node_end(self.number, self.node), end)
+            if self.job.server is not None:
+                self._wait_for_nodes()
         return self.outcome(proc.returncode, start_step, hung, stop_sig)
+
+    def _wait_for_nodes(self) -> None:
+        """The head decides only once every connected node's part has ended too."""
+        assert self.job is not None
+        deadline = time.monotonic() + self.plan.timeouts.stop_grace_s + 30
+        while time.monotonic() < deadline:
+            ended = {e.node for e in self.job.node_ends(self.number)}
+            if not [k for k in self.job.joined() if k not in ended]:
+                return
+            time.sleep(0.2)
+        self.say("warning: a node's part of the attempt did not end in time; deciding without it")
 
     def choose_checkpoint(self) -> Candidate | None:
         out = self.plan.output_dir
@@ -123,7 +166,10 @@ class Attempt:
             args["resume_from_checkpoint"] = str(chosen.path)
         keep = args.pop("save_total_limit", None)  # the worker rotates, after marking (RunFile)
         run_file = self.sd.run_file(self.number)
-        run = RunFile(args, str(self.sd.root), self.number, list(self.plan.tweaks), int(keep) if keep else None)
+        run = RunFile(
+            args, str(self.sd.root), self.number, list(self.plan.tweaks), int(keep) if keep else None,
+            self.job.token if self.job else None,
+        )  # fmt: skip
         write_record(run_file, run)
         self.status.attempt = self.number
         spare = self.pool.take()
@@ -161,9 +207,13 @@ class Attempt:
                 self.say(
                     f"stop requested (signal {self.shutdown.signum}): saving a checkpoint, up to {t.stop_grace_s:.0f} s"
                 )
+                if self.job is not None:  # the other nodes stop with this one (their ranks vote the same step)
+                    self.job.request_stop(self.shutdown.signum, self.number)
                 self.status.write(RunState.STOPPING)
                 proc.stop(t.stop_grace_s, signal.SIGTERM)
                 return False, self.shutdown.signum
+            if self.job is not None and self._job_ends_part(proc):
+                return False, 0
             now = time.monotonic()
             _, new_logs = self.status.refresh()
             step = self.status.last_step_of(self.number)
@@ -188,6 +238,31 @@ class Attempt:
             self.shutdown.wait(0.5)
         return False, 0
 
+    def _job_ends_part(self, proc: TrainingProcess) -> bool:
+        """Another node asked the job to stop (save, then exit), or its part of this attempt failed
+        (the collectives are broken: end this part now, for the head's restart)."""
+        assert self.job is not None
+        others = [r for r in self.job.stop_requests() if r.node != self.node]
+        if others:
+            self.say(f"node {others[0].node} asked the job to stop: saving a checkpoint")
+            self.status.write(RunState.STOPPING)
+            proc.stop(self.plan.timeouts.stop_grace_s, signal.SIGTERM)
+            return True
+        link = self.job.link
+        if link is not None and not link.head_alive() and not self.sd.job_end.exists():
+            self.say("the head's supervisor is gone: ending this node's part of the attempt")
+            proc.kill_tree()
+            return True
+        failed = [e for e in self.job.node_ends(self.number) if e.node != self.node and e.exit_code != 0]
+        if failed:
+            e = failed[0]
+            self.say(
+                f"node {e.node}'s part of attempt {self.number} ended (exit {e.exit_code}): ending this node's too"
+            )
+            proc.kill_tree()
+            return True
+        return False
+
     def _progress_line(self) -> None:
         p = self.status.progress()
         if p is not None:
@@ -199,14 +274,15 @@ class Attempt:
         failures = sorted(self._failures(), key=lambda f: f.time)
         stopped = read_record_or_none(self.sd.stopped, StopRecord)
         completed = read_record_or_none(self.sd.completed, Completion)
+        ends = self.job.node_ends(self.number) if self.job else []
         return AttemptOutcome(
             attempt=self.number,
             exit_code=rc if rc is not None else -1,
             start_step=start_step,
             last_step=self.status.last_step_of(self.number),
             failure=failures[0] if failures else None,
-            hung=hung,
-            stop_requested=bool(stop_sig),
+            hung=hung or any(e.hung for e in ends),
+            stop_requested=bool(stop_sig) or bool(self.job and self.job.stop_requests()),
             stopped_cleanly=bool(stopped and stopped.attempt == self.number and stopped.checkpoint),
             completed=bool(completed and completed.attempt == self.number),
             disk_full=rc != 0 and volume_full(self.plan.output_dir),

@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config.plan import Plan, Rendezvous
+from ..config.plan import Plan
+from ..config.topology import Topology
 
 WORKER_MODULE = "ft_appliance.worker"
 # Tests swap in a small fake worker that speaks the same state protocol (tests/fakes/worker.py).
@@ -41,25 +42,22 @@ class LaunchSpec:
 
 def torchrun_argv(
     nproc: int,
-    rendezvous: Rendezvous,
+    topology: Topology,
     master_port: int,
     worker_args: list[str],
     python: str = sys.executable,
     worker_module: str = WORKER_MODULE,
 ) -> list[str]:
     argv = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
-    if rendezvous.endpoint:
-        # Multi-node: every node starts the same image; c10d rendezvous assigns ranks.
-        argv += [
-            "--nnodes",
-            rendezvous.nnodes,
-            "--rdzv-backend",
-            "c10d",
-            "--rdzv-endpoint",
-            rendezvous.endpoint,
-            "--rdzv-id",
-            rendezvous.run_id,
-        ]
+    t = topology
+    if t.multi_node and t.backend == "c10d":
+        # torchrun's dynamic rendezvous ranks the nodes; the appliance's head is still node_rank 0.
+        argv += ["--nnodes", str(t.nnodes), "--rdzv-backend", "c10d", "--rdzv-endpoint", t.endpoint]
+        argv += ["--rdzv-id", t.rdzv_id]
+    elif t.multi_node:
+        # Static rendezvous at the head: global ranks follow node ranks, so rank 0 is on the head.
+        argv += ["--nnodes", str(t.nnodes), "--node-rank", str(t.node_rank)]
+        argv += ["--master-addr", t.master_addr, "--master-port", str(t.master_port)]
     else:
         # Single node: loopback rendezvous. A bare torchrun looks itself up by hostname, which
         # times out in containers without a network.
@@ -75,12 +73,12 @@ def needs_torchrun(plan: Plan) -> bool:
     and the agent is one process more to start and stop. DeepSpeed and FSDP set up a process group
     from torchrun's environment, so they keep it."""
     args = plan.args
-    return plan.nproc > 1 or bool(plan.rendezvous.endpoint) or bool(args.get("deepspeed") or args.get("fsdp"))
+    return plan.nproc > 1 or plan.topology.multi_node or bool(args.get("deepspeed") or args.get("fsdp"))
 
 
 def launch_argv(plan: Plan, master_port: int, worker_args: list[str], module: str) -> list[str]:
     if needs_torchrun(plan):
-        return torchrun_argv(plan.nproc, plan.rendezvous, master_port, worker_args, worker_module=module)
+        return torchrun_argv(plan.nproc, plan.topology, master_port, worker_args, worker_module=module)
     return [sys.executable, "-m", module, *worker_args]
 
 
@@ -103,7 +101,7 @@ def spare_allowed(plan: Plan) -> bool:
     nodes of a multi-node job restart together through their shared rendezvous. Off from 4 processes
     on: each idle spare rank holds about 0.5 GB of host memory with CPU torch, and what it holds with
     CUDA torch is not measured yet."""
-    return plan.retry.spare and plan.retry.max_restarts > 0 and not plan.rendezvous.endpoint and plan.nproc < 4
+    return plan.retry.spare and plan.retry.max_restarts > 0 and not plan.topology.multi_node and plan.nproc < 4
 
 
 def build_spare(

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from ..config.plan import Plan
-from ..errors import CrashLoop, RetriesExhausted, Stopped, TrainingFailed, VolumeFull
+from ..errors import ApplianceError, CrashLoop, RetriesExhausted, Stopped, TrainingFailed, VolumeFull
 from ..policy.restarts import RESOURCE_ERRORS, Verdict, classify
 from ..result import metrics
 from ..result.curve import CurveDrawer
@@ -23,6 +24,7 @@ from ..state.history import earlier_outcomes, is_finished
 from ..state.layout import StateDir, write_record
 from ..state.records import AttemptOutcome, RunState
 from .attempt import Attempt
+from .job import Job
 from .report import RunResult, artifacts, describe
 from .signals import Shutdown, ShutdownRequested
 from .spare import WarmPool
@@ -41,7 +43,7 @@ class AttemptFailed(Exception):
 class Supervisor:
     def __init__(
         self, plan: Plan, echo: Echo, shutdown: Shutdown, env: Mapping[str, str] | None = None,
-        metrics_port: int | None = None, verbose: bool = False,
+        metrics_port: int | None = None, verbose: bool = False, job: Job | None = None,
     ) -> None:  # fmt: skip
         self.plan = plan
         self.echo = echo
@@ -55,6 +57,8 @@ class Supervisor:
         self.history: list[AttemptOutcome] = []
         self.metrics_port = metrics_port
         self.verbose = verbose
+        self.job = job
+        """A multi-node job this supervisor heads: restarts and budgets count for all its nodes."""
 
     def _serve_metrics(self) -> object | None:
         if not self.metrics_port:
@@ -73,7 +77,16 @@ class Supervisor:
     def run(self) -> RunResult:
         server = self._serve_metrics()
         try:
-            return self._run()
+            result = self._run()
+        except ApplianceError as exc:  # the job's other nodes exit the same way
+            if self.job is not None:
+                state = RunState.STOPPED if isinstance(exc, Stopped) else RunState.FAILED
+                self.job.end(state, exc.exit_code, exc.message)
+            raise
+        else:
+            if self.job is not None:
+                self.job.end(RunState.FINISHED, 0, f"finished: {result.step}/{result.max_steps} steps")
+            return result
         finally:
             self.curve.finish()  # the curve of however the run ended
             if server is not None:
@@ -88,7 +101,7 @@ class Supervisor:
             wait=wait_exponential(multiplier=retry.backoff_s, max=retry.backoff_max_s),
             retry=retry_if_exception(lambda e: isinstance(e, AttemptFailed) and e.verdict is Verdict.RETRY),
             before_sleep=self._before_restart,
-            sleep=self.shutdown.sleep,
+            sleep=self._sleep,
             reraise=True,
         )
         try:
@@ -109,6 +122,17 @@ class Supervisor:
             self.pool.close()
         return self.finished()
 
+    def _sleep(self, seconds: float) -> None:
+        """The backoff: a stop here, or from another node of the job, ends it."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if self.job is not None and (asked := self.job.stop_requests()):
+                raise ShutdownRequested(asked[0].signum)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.shutdown.sleep(min(left, 0.5))
+
     def finished(self) -> RunResult:
         self.status.refresh()
         p = self.status.progress()
@@ -121,10 +145,13 @@ class Supervisor:
     def attempt_once(self) -> None:
         if self.history and is_finished(self.plan.output_dir):
             return  # never relaunch a finished run: it would train past the end and overwrite results
+        if self.job is not None and self.job.server is not None:  # no attempt without every node
+            self.job.server.wait_all(self.plan.timeouts.join_s, self.shutdown.check, first=False)
         number = self.sd.new_attempt()
         outcome = Attempt(
-            self.plan, self.sd, number, self.status, self.pool, self.shutdown, self.echo, self.env, self.verbose
-        ).run()
+            self.plan, self.sd, number, self.status, self.pool, self.shutdown, self.echo, self.env, self.verbose,
+            self.job,
+        ).run()  # fmt: skip
         earlier = [o for o in earlier_outcomes(self.sd) if o.attempt < outcome.attempt]
         verdict = classify(outcome, earlier, self.plan.retry.crash_loop_limit)
         outcome = replace(outcome, verdict=verdict.value)
@@ -139,7 +166,10 @@ class Supervisor:
                 if outcome.stopped_cleanly
                 else "before a checkpoint could be saved; the next start resumes from the last one"
             )
-            raise Stopped(f"stopped {where}; start again to resume", self.shutdown.signum)
+            signum = self.shutdown.signum or (
+                asked[0].signum if self.job and (asked := self.job.stop_requests()) else 15
+            )
+            raise Stopped(f"stopped {where}; start again to resume", signum)
         raise AttemptFailed(outcome, verdict)
 
     def _before_restart(self, state: RetryCallState) -> None:

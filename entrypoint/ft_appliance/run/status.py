@@ -36,13 +36,16 @@ HEARTBEAT_EVERY_S = 5.0
 
 
 class StatusWriter:
-    def __init__(self, sd: StateDir, env: Mapping[str, str], echo: Callable[[str], None]) -> None:
+    def __init__(self, sd: StateDir, env: Mapping[str, str], echo: Callable[[str], None], shared: bool = True) -> None:
+        """shared=False: another node of a multi-node job, which reads the run's records but leaves the
+        run's own files (status, heartbeat, metrics) to the head; its FT_HEARTBEAT_FILE is its own."""
         self.sd = sd
         self.echo = echo
+        self.shared = shared
         beat = env.get("FT_HEARTBEAT_FILE")
-        self.heartbeat_paths = [sd.heartbeat, *([Path(beat)] if beat else [])]
+        self.heartbeat_paths = [*([sd.heartbeat] if shared else []), *([Path(beat)] if beat else [])]
         textfile = env.get("FT_METRICS_TEXTFILE")  # a node exporter's textfile directory, say
-        self.metrics_paths = [sd.metrics, *([Path(textfile)] if textfile else [])]
+        self.metrics_paths = [*([sd.metrics] if shared else []), *([Path(textfile)] if textfile else [])]
         self.last: StatusRecord | None = None
         """The record last written: what the metrics endpoint serves."""
         self.registry = metrics.registry_for(lambda: self.last)
@@ -105,7 +108,8 @@ class StatusWriter:
             **extra,
         )
         self.last = record
-        self._guarded(self.sd.status, record)
+        if self.shared:
+            self._guarded(self.sd.status, record)
         for path in self.metrics_paths:
             self._guarded_io(path, lambda p: metrics.write_textfile(p, self.registry))
         self.heartbeat(force=True)

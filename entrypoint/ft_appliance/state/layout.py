@@ -14,6 +14,10 @@
     .ft/attempts/N/failure-rankR.json  WorkerFailure   .../output.log      torchrun's output
     .ft/spares/K/go.json           GoFile              .../ready-rankR     a spare rank imported
     .ft/autotune/micro-M/          a probe's own output_dir
+    multi-node (one shared volume):
+    .ft/job.json                   JobRecord (head)    .ft/job-end.json    JobEnd (head)
+    .ft/nodes/K/lock, owner.json   node K's supervisor (K > 0; the head holds .ft/lock)
+    .ft/stops/node-K.json          StopRequest         .ft/attempts/N/node-K.json  NodeEnd
 
 The completion marker is the one file outside: `checkpoint-N/.ft-complete.json` (a Marker), so that it
 travels with its checkpoint.
@@ -150,6 +154,30 @@ class StateDir:
     def autotune(self) -> Path:
         return self.root / "autotune"
 
+    # multi-node
+    @property
+    def job(self) -> Path:
+        return self.root / "job.json"
+
+    @property
+    def job_end(self) -> Path:
+        return self.root / "job-end.json"
+
+    def node_dir(self, k: int) -> Path:
+        return self.root / "nodes" / str(k)
+
+    def stop_request(self, k: int) -> Path:
+        return self.root / "stops" / f"node-{k}.json"
+
+    def stop_requests(self) -> list[Path]:
+        return sorted((self.root / "stops").glob("node-*.json"))
+
+    def node_end(self, n: int, k: int) -> Path:
+        return self.attempt_dir(n) / f"node-{k}.json"
+
+    def node_ends(self, n: int) -> list[Path]:
+        return sorted(self.attempt_dir(n).glob("node-*.json"))
+
     # attempts
     @property
     def attempts(self) -> Path:
@@ -176,8 +204,9 @@ class StateDir:
     def failure_files(self, n: int) -> list[Path]:
         return sorted(self.attempt_dir(n).glob("failure-rank*.json"))
 
-    def output_log(self, n: int) -> Path:
-        return self.attempt_dir(n) / "output.log"
+    def output_log(self, n: int, node: int = 0) -> Path:
+        """torchrun's output: the head's (or a single node's), or node K's of a multi-node job."""
+        return self.attempt_dir(n) / ("output.log" if node == 0 else f"output-node{node}.log")
 
     def attempt_numbers(self) -> list[int]:
         return sorted(int(p.name) for p in self.attempts.glob("*") if p.name.isdigit())

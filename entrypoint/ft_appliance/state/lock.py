@@ -24,6 +24,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import RunInUse
 from .layout import StateDir, read_record_or_none, write_record
@@ -43,10 +44,17 @@ class LockBusy(Exception):
         self.owner = owner
 
 
+def _paths(sd: StateDir, node: int | None) -> tuple[Path, Path]:
+    """The lock and owner files: the run's, or (node K > 0 of a multi-node job) that node's slot."""
+    if node is None:
+        return sd.lock, sd.owner
+    return sd.node_dir(node) / "lock", sd.node_dir(node) / "owner.json"
+
+
 @dataclass
 class RunLock:
     fd: int
-    sd: StateDir
+    owner_path: Path
     previous: Owner | None
     """The owner record a dead holder left behind (None when the last holder released cleanly)."""
     enforced: bool = True
@@ -56,33 +64,34 @@ class RunLock:
         if self.fd < 0:
             return
         try:
-            self.sd.owner.unlink(missing_ok=True)
+            self.owner_path.unlink(missing_ok=True)
         except OSError:
             pass  # a full or read-only volume: the lock itself still goes with the descriptor
         os.close(self.fd)  # drops the lock
         self.fd = -1
 
 
-def acquire(sd: StateDir) -> RunLock:
-    """The run's lock, or LockBusy naming whoever holds it."""
-    sd.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(sd.lock, os.O_RDWR | os.O_CREAT, 0o644)
+def acquire(sd: StateDir, node: int | None = None) -> RunLock:
+    """The run's lock (or node K's slot), or LockBusy naming whoever holds it."""
+    lock_path, owner_path = _paths(sd, node)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         if exc.errno in _UNSUPPORTED:
-            return RunLock(fd, sd, read_record_or_none(sd.owner, Owner), enforced=False)
+            return RunLock(fd, owner_path, read_record_or_none(owner_path, Owner), enforced=False)
         os.close(fd)
         if exc.errno in _BUSY:
-            raise LockBusy(read_record_or_none(sd.owner, Owner)) from None
+            raise LockBusy(read_record_or_none(owner_path, Owner)) from None
         raise
-    previous = read_record_or_none(sd.owner, Owner)
+    previous = read_record_or_none(owner_path, Owner)
     try:
-        write_record(sd.owner, Owner(os.getpid(), socket.gethostname(), time.time(), str(sd.output_dir)))
+        write_record(owner_path, Owner(os.getpid(), socket.gethostname(), time.time(), str(sd.output_dir)))
     except BaseException:
         os.close(fd)
         raise
-    return RunLock(fd, sd, previous)
+    return RunLock(fd, owner_path, previous)
 
 
 def holder_pid(path: os.PathLike | str) -> int | None:
@@ -145,22 +154,24 @@ def _when(t: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def in_use_message(sd: StateDir, owner: Owner | None) -> str:
+def in_use_message(sd: StateDir, owner: Owner | None, node: int | None = None) -> str:
     who = f"pid {owner.pid} on {owner.host} since {_when(owner.since)}" if owner else "another process"
+    as_node = f" as node {node}" if node is not None else ""
     return (
-        f"{sd.output_dir} is in use by a live ft-appliance run ({who}): let it finish, stop it "
+        f"{sd.output_dir} is in use{as_node} by a live ft-appliance run ({who}): let it finish, stop it "
         f"(docker stop, or kill -TERM {owner.pid if owner else 'PID'}), or choose another output_dir"
     )
 
 
 @contextlib.contextmanager
-def own(sd: StateDir, wait_s: float, say: Callable[[str], None]) -> Iterator[RunLock]:
+def own(sd: StateDir, wait_s: float, say: Callable[[str], None], node: int | None = None) -> Iterator[RunLock]:
     """Hold the run for the duration of the block: refuse a live owner at once, take over from a
-    dead one (logged), and wait for the ranks of an earlier tree before anything is touched."""
+    dead one (logged), and wait for the ranks of an earlier tree before anything is touched.
+    node: K > 0 of a multi-node job holds only its own slot; the head (plain own) waits for the trees."""
     try:
-        held = acquire(sd)
+        held = acquire(sd, node)
     except LockBusy as busy:
-        raise RunInUse(in_use_message(sd, busy.owner)) from None
+        raise RunInUse(in_use_message(sd, busy.owner, node)) from None
     try:
         p = held.previous
         if not held.enforced:
@@ -170,7 +181,7 @@ def own(sd: StateDir, wait_s: float, say: Callable[[str], None]) -> Iterator[Run
             )
         elif p is not None:
             say(f"took over {sd.output_dir}: its last owner, pid {p.pid} on {p.host} (since {_when(p.since)}), is gone")
-        if tree_alive(sd):
+        if node is None and tree_alive(sd):
             say(f"waiting up to {wait_s:.0f} s for training processes of an earlier supervisor to exit")
             if not wait_tree_gone(sd, wait_s):
                 raise RunInUse(

@@ -162,6 +162,8 @@ class RunFile(Record):
     keep_checkpoints: int | None = None
     """The config's save_total_limit, applied by the worker after each marker (transformers' own
     rotation deletes before anything can mark the new checkpoint, so it is turned off)."""
+    job: str | None = None
+    """The job token of a multi-node run (JobRecord): the other nodes launch only run files of their job."""
 
     @property
     def resume_from(self) -> str | None:
@@ -386,3 +388,51 @@ class Event(Record):
     attempt: int
     time: float = 0.0
     data: dict[str, Any] = field(default_factory=dict)
+
+
+# --- multi-node: the head and the other nodes' supervisors -------------------------------------
+
+
+@dataclass(frozen=True)
+class JobRecord(Record):
+    """.ft/job.json: written by the head's supervisor at each start. Another node that reads the token
+    the head told it over the network sees the same volume; the config hash must match its own."""
+
+    token: str
+    nnodes: int
+    config_hash: str
+    head_host: str = ""
+    since: float = 0.0
+
+
+@dataclass(frozen=True)
+class NodeEnd(Record):
+    """attempts/N/node-K.json: node K's part of attempt N ended, and how (each node's supervisor)."""
+
+    node: int
+    attempt: int
+    exit_code: int
+    hung: bool = False
+    time: float = 0.0
+
+
+@dataclass(frozen=True)
+class StopRequest(Record):
+    """stops/node-K.json: node K's supervisor was asked to stop; the whole job stops with a checkpoint."""
+
+    job: str
+    node: int
+    signum: int
+    attempt: int | None = None
+    time: float = 0.0
+
+
+@dataclass(frozen=True)
+class JobEnd(Record):
+    """.ft/job-end.json: the head's last word on a job; the other nodes exit the same way."""
+
+    job: str
+    state: RunState
+    exit_code: int
+    message: str = ""
+    time: float = 0.0

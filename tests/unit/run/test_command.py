@@ -4,13 +4,14 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from ft_appliance.config.plan import Plan, Rendezvous, RetryPolicy
+from ft_appliance.config.plan import Plan, RetryPolicy
+from ft_appliance.config.topology import Topology
 from ft_appliance.run.command import DEFAULT_ENV, build_launch, build_spare, spare_allowed, torchrun_argv
 
 
 @pytest.mark.parametrize("nproc", [1, 2, 8])
 def test_single_node_command(nproc: int) -> None:
-    argv = torchrun_argv(nproc, Rendezvous(), 29555, ["/run.json"], python="/py")
+    argv = torchrun_argv(nproc, Topology(), 29555, ["/run.json"], python="/py")
     assert argv == [
         "/py", "-m", "torch.distributed.run",
         "--nproc-per-node", str(nproc),
@@ -20,8 +21,17 @@ def test_single_node_command(nproc: int) -> None:
     ]  # fmt: skip
 
 
+def test_multi_node_command_ranks_nodes_statically_at_the_head() -> None:
+    t = Topology(nnodes=2, node_rank=1, master_addr="head", master_port=29611)
+    argv = torchrun_argv(8, t, 1, ["/run.json"], python="/py")
+    i = argv.index("--nnodes")
+    assert argv[i : i + 8] == ["--nnodes", "2", "--node-rank", "1", "--master-addr", "head", "--master-port", "29611"]
+    assert "--rdzv-backend" not in argv and argv[-3:] == ["-m", "ft_appliance.worker", "/run.json"]
+
+
 def test_multi_node_command_uses_c10d_rendezvous() -> None:
-    argv = torchrun_argv(8, Rendezvous("2", "head:29400", "job-7"), 1, ["/run.json"], python="/py")
+    t = Topology(nnodes=2, node_rank=0, master_addr="head", master_port=29400, backend="c10d", rdzv_id="job-7")
+    argv = torchrun_argv(8, t, 1, ["/run.json"], python="/py")
     assert argv[argv.index("--nnodes") + 1] == "2"
     assert argv[argv.index("--rdzv-backend") + 1] == "c10d"
     assert argv[argv.index("--rdzv-endpoint") + 1] == "head:29400"
@@ -53,7 +63,9 @@ def test_spare_only_where_a_single_node_can_restart(tmp_path: Path) -> None:
     assert spare_allowed(plan)
     assert not spare_allowed(replace(plan, retry=RetryPolicy(max_restarts=0)))  # nothing to take over
     assert not spare_allowed(replace(plan, retry=RetryPolicy(spare=False)))  # --no-spare
-    assert not spare_allowed(replace(plan, rendezvous=Rendezvous("2", "head:29400")))  # nodes restart together
+    assert not spare_allowed(
+        replace(plan, topology=Topology(nnodes=2, node_rank=0, master_addr="head"))
+    )  # nodes restart together
     assert spare_allowed(replace(plan, nproc=3)) and not spare_allowed(replace(plan, nproc=4))  # host memory
 
 
@@ -67,4 +79,4 @@ def test_one_process_without_a_process_group_runs_the_worker_itself(tmp_path: Pa
     assert needs_torchrun(replace(plan, nproc=2))
     assert needs_torchrun(replace(plan, args={"deepspeed": "ds_z3_config.json"}))
     assert needs_torchrun(replace(plan, args={"fsdp": "full_shard"}))
-    assert needs_torchrun(replace(plan, rendezvous=Rendezvous("2", "head:29400")))
+    assert needs_torchrun(replace(plan, topology=Topology(nnodes=2, node_rank=0, master_addr="head")))
