@@ -56,7 +56,8 @@ def torchrun_argv(
         argv += ["--rdzv-id", t.rdzv_id]
     elif t.multi_node:
         # Static rendezvous at the head: global ranks follow node ranks, so rank 0 is on the head.
-        argv += ["--nnodes", str(t.nnodes), "--node-rank", str(t.node_rank)]
+        # The backend is named: torchrun would otherwise take a PET_RDZV_BACKEND a scheduler injected.
+        argv += ["--nnodes", str(t.nnodes), "--node-rank", str(t.node_rank), "--rdzv-backend", "static"]
         argv += ["--master-addr", t.master_addr, "--master-port", str(t.master_port)]
     else:
         # Single node: loopback rendezvous. A bare torchrun looks itself up by hostname, which

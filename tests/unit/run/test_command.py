@@ -25,8 +25,11 @@ def test_multi_node_command_ranks_nodes_statically_at_the_head() -> None:
     t = Topology(nnodes=2, node_rank=1, master_addr="head", master_port=29611)
     argv = torchrun_argv(8, t, 1, ["/run.json"], python="/py")
     i = argv.index("--nnodes")
-    assert argv[i : i + 8] == ["--nnodes", "2", "--node-rank", "1", "--master-addr", "head", "--master-port", "29611"]
-    assert "--rdzv-backend" not in argv and argv[-3:] == ["-m", "ft_appliance.worker", "/run.json"]
+    assert argv[i : i + 10] == [
+        "--nnodes", "2", "--node-rank", "1", "--rdzv-backend", "static",
+        "--master-addr", "head", "--master-port", "29611",
+    ]  # fmt: skip
+    assert argv[-3:] == ["-m", "ft_appliance.worker", "/run.json"]
 
 
 def test_multi_node_command_uses_c10d_rendezvous() -> None:
