@@ -151,13 +151,20 @@ def resolve_output_dir(args: Mapping[str, Any], workdir: Path) -> Path:
     return path
 
 
-def apply_policy(args: Mapping[str, Any], output_dir: Path) -> tuple[dict[str, Any], list[str]]:
+def apply_policy(
+    args: Mapping[str, Any], output_dir: Path, multi_node: bool = False
+) -> tuple[dict[str, Any], list[str]]:
     """The appliance's changes to the user's arguments, each with its reason."""
     out = dict(args)
     notes: list[str] = []
     if out.get("overwrite_output_dir"):
         notes.append("overwrite_output_dir forced off: it deletes checkpoints and disables resume")
     out["overwrite_output_dir"] = False
+    if multi_node and "data_shared_file_system" not in out:
+        # The nodes share the volume and its dataset cache (HF_HOME): one rank of the job tokenises
+        # for all of them, instead of one per node racing to write the same cache files.
+        out["data_shared_file_system"] = True
+        notes.append("data_shared_file_system on: the nodes share one dataset cache, so one rank tokenises for all")
     # Workers may run with another working directory (the container's); pin the path we checked.
     out["output_dir"] = str(output_dir)
     return out, notes
@@ -177,7 +184,7 @@ def build_plan(
     file_args = read_yaml(config_path)
     merged = {**file_args, **parse_overrides(overrides)}
     output_dir = resolve_output_dir(merged, workdir)
-    args, notes = apply_policy(merged, output_dir)
+    args, notes = apply_policy(merged, output_dir, bool(topology and topology.multi_node))
     if nproc < 1:
         raise ConfigError(f"process count {nproc} is not positive: pass --nproc N with N >= 1")
     return Plan(

@@ -11,11 +11,13 @@ import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from ..config.plan import Plan
 from ..policy.checkpoints import Candidate, choose_resume, to_set_aside
 from ..policy.console import message_key, shown
 from ..policy.progress import format_progress
+from ..policy.timeouts import attempt_timeout, data_key
 from ..policy.watch import Limits, decide
 from ..state import checkpoints
 from ..state.checkpoints import step_of
@@ -24,6 +26,7 @@ from ..state.records import (
     AttemptOutcome,
     BeatRecord,
     Completion,
+    DataReady,
     Event,
     GoFile,
     LaunchRecord,
@@ -165,6 +168,9 @@ class Attempt:
         if chosen is not None:
             args["resume_from_checkpoint"] = str(chosen.path)
         keep = args.pop("save_total_limit", None)  # the worker rotates, after marking (RunFile)
+        args["ddp_timeout"], note = attempt_timeout(args, self._data_cached(args), self.plan.timeouts.startup_s)
+        if note:
+            self.say(note)
         run_file = self.sd.run_file(self.number)
         run = RunFile(
             args, str(self.sd.root), self.number, list(self.plan.tweaks), int(keep) if keep else None,
@@ -218,6 +224,8 @@ class Attempt:
             _, new_logs = self.status.refresh()
             step = self.status.last_step_of(self.number)
             if step is not None and step != last_step:
+                if last_step is None and self.node == 0:  # the head decides what is cached
+                    self._mark_data_ready()
                 last_step, last_progress = step, now
                 self.pool.maybe_start(self.number)  # after the first step: its imports do not slow this start
             beat = read_record_or_none(self.sd.beat_file(self.number), BeatRecord)
@@ -237,6 +245,20 @@ class Attempt:
             self.status.heartbeat()
             self.shutdown.wait(0.5)
         return False, 0
+
+    def _data_cached(self, args: Mapping[str, Any]) -> bool:
+        ready = read_record_or_none(self.sd.data_ready, DataReady)
+        return ready is not None and ready.key == data_key(args)
+
+    def _mark_data_ready(self) -> None:
+        """The first step: tokenisation is over and its result is in the cache."""
+        key = data_key(self.plan.args)
+        ready = read_record_or_none(self.sd.data_ready, DataReady)
+        if ready is None or ready.key != key:
+            try:
+                write_record(self.sd.data_ready, DataReady(key, self.number, time.time()))
+            except OSError:
+                pass  # a full volume: the next attempt only waits longer at its barrier
 
     def _job_ends_part(self, proc: TrainingProcess) -> bool:
         """Another node asked the job to stop (save, then exit), or its part of this attempt failed

@@ -6,6 +6,7 @@
     .ft/status.json                StatusRecord        .ft/run-meta.json   RunMeta
     .ft/heartbeat.json             Heartbeat (also FT_HEARTBEAT_FILE)  .ft/metrics.prom  Prometheus text
     .ft/config.json                ConfigRecord: the settings the run last started with
+    .ft/data-ready.json            DataReady: the run's tokenised dataset is cached
     .ft/steps.jsonl                StepRecord lines    .ft/log.jsonl       LogRecord lines
     .ft/events.jsonl               Event lines         .ft/stopped.json    StopRecord
     .ft/completed.json             Completion
@@ -129,6 +130,10 @@ class StateDir:
     @property
     def config(self) -> Path:
         return self.root / "config.json"
+
+    @property
+    def data_ready(self) -> Path:
+        return self.root / "data-ready.json"
 
     @property
     def steps(self) -> Path:

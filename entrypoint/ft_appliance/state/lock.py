@@ -180,7 +180,8 @@ def own(sd: StateDir, wait_s: float, say: Callable[[str], None], node: int | Non
                 "run on this output_dir; make sure only one runs (README: Ownership)"
             )
         elif p is not None:
-            say(f"took over {sd.output_dir}: its last owner, pid {p.pid} on {p.host} (since {_when(p.since)}), is gone")
+            what = f"node {node}'s part of {sd.output_dir}" if node is not None else str(sd.output_dir)
+            say(f"took over {what}: its last owner, pid {p.pid} on {p.host} (since {_when(p.since)}), is gone")
         if node is None and tree_alive(sd):
             say(f"waiting up to {wait_s:.0f} s for training processes of an earlier supervisor to exit")
             if not wait_tree_gone(sd, wait_s):

@@ -380,6 +380,16 @@ class ConfigRecord(Record):
 
 
 @dataclass(frozen=True)
+class DataReady(Record):
+    """.ft/data-ready.json: an attempt with these data settings (policy/timeouts.data_key) reached a
+    step, so their tokenised dataset is in the cache and later attempts skip tokenisation."""
+
+    key: str
+    attempt: int
+    time: float = 0.0
+
+
+@dataclass(frozen=True)
 class Event(Record):
     """events.jsonl: launches, train begins, saves, tweaks, worker imports (for benchmarks and status).
     The event's own numbers ride in `data`."""

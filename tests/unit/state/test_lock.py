@@ -18,7 +18,7 @@ from pathlib import Path
 from ft_appliance.state import lock
 from ft_appliance.state.layout import StateDir
 sd = StateDir(Path(sys.argv[1]))
-lock.acquire(sd) if sys.argv[2] == "run" else lock.hold_tree(sd)
+{"run": lambda: lock.acquire(sd), "node1": lambda: lock.acquire(sd, 1)}.get(sys.argv[2], lambda: lock.hold_tree(sd))()
 print("held", flush=True)
 time.sleep(60)
 """
@@ -65,3 +65,17 @@ def test_the_tree_lock_waits_for_ranks_of_an_earlier_tree(tmp_path: Path) -> Non
         rank.kill()
         rank.wait()
     assert not lock.tree_alive(sd)
+
+
+def test_a_node_slot_is_one_supervisors_and_apart_from_the_heads_lock(tmp_path: Path) -> None:
+    sd = StateDir(tmp_path / "out")
+    p = holder(sd, "node1")
+    try:
+        refused = pytest.raises(RunInUse, match=f"in use as node 1 by a live ft-appliance run \\(pid {p.pid} on ")
+        with refused, lock.own(sd, 1, print, node=1):
+            pass
+        with lock.own(sd, 1, print, node=2), lock.own(sd, 1, print):  # node 2's slot, and the head's lock
+            assert sd.owner.exists() and (sd.node_dir(2) / "owner.json").exists()
+    finally:
+        p.kill()
+        p.wait()
