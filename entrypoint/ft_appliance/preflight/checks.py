@@ -48,7 +48,7 @@ def worst_exit_code(problems: list[Problem]) -> int:
 
 # Findings that only make sense for a CPU run: left out when `check` judges a GPU config on a machine
 # without GPUs (a laptop), where the run itself will have them.
-CPU_ONLY = frozenset({"config.cpu_precision", "config.liger", "config.cpu_zero2"})
+CPU_ONLY = frozenset({"config.cpu_precision", "config.liger", "config.cpu_zero2", "config.cpu_fp8"})
 
 
 @dataclass
@@ -391,9 +391,22 @@ def check_template(
         )
 
 
-def check_datasets(args: Mapping[str, Any], data: DatasetFacts | None, report: Report) -> None:
+# config.json keys of the models that take images, video or audio (LlamaFactory's multimodal ones).
+MEDIA_CONFIG_KEYS = ("vision_config", "audio_config", "visual", "vision_tower", "mm_vision_tower", "image_token_id")
+
+
+def check_datasets(args: Mapping[str, Any], data: DatasetFacts | None, report: Report, model: Any = None) -> None:
     if data is None:
         return
+    config = getattr(model, "config", None)
+    if isinstance(config, dict) and not any(k in config for k in MEDIA_CONFIG_KEYS):
+        for name, media in data.media.items():
+            report.add(
+                "data.multimodal",
+                f"dataset {name!r} has {', '.join(media)}, but {args.get('model_name_or_path')} is a text-only model "
+                f"({config.get('model_type', 'its config')} has no vision or audio tower): it needs a multimodal model "
+                "(Qwen2.5-VL, Qwen3-VL, LLaVA, ...) with its template, or a text dataset",
+            )
     if data.info is None:
         report.add(
             "data.dir",
@@ -640,6 +653,29 @@ def check_batch(
     )
 
 
+def check_cpu_run(args: Mapping[str, Any], nproc: int, report: Report) -> None:
+    """What a GPU config asks for that a CPU run cannot give."""
+    if any(args.get(k) for k in ("bf16", "fp16", "pure_bf16")):
+        report.add(
+            "config.cpu_precision",
+            "bf16/fp16 mixed precision needs a GPU and this is a CPU run: remove "
+            "bf16/fp16 from the config (or pass them as key=value only on GPU machines)",
+        )
+    if args.get("fp8"):
+        report.add(
+            "config.cpu_fp8",
+            "FP8 training needs a GPU of compute capability 8.9 or newer (Ada, Hopper) and this is a CPU run: "
+            "remove fp8: true (or pass fp8=true only on such GPUs)",
+        )
+    if zero_stage(args) == 2 and nproc > 1:
+        report.add(
+            "config.cpu_zero2",
+            "DeepSpeed ZeRO-2 fails on CPU processes: its gradient all-gather over gloo modifies a view "
+            'in place ("Output 0 of Split is a view and is being modified inplace"); on CPU use ZeRO-3 '
+            "(ds_z3_config.json) or no deepspeed; ZeRO-2 runs on GPUs",
+        )
+
+
 def run_checks(
     args: Mapping[str, Any],
     *,
@@ -659,25 +695,14 @@ def run_checks(
     check_combinations(args, report, deepspeed_exists)
     fix_oft_under_ddp(args, world, report)
     check_values(args, report)
-    if inventory is None and any(args.get(k) for k in ("bf16", "fp16", "pure_bf16")):
-        report.add(
-            "config.cpu_precision",
-            "bf16/fp16 mixed precision needs a GPU and this is a CPU run: remove "
-            "bf16/fp16 from the config (or pass them as key=value only on GPU machines)",
-        )
-    if inventory is None and zero_stage(args) == 2 and nproc > 1:
-        report.add(
-            "config.cpu_zero2",
-            "DeepSpeed ZeRO-2 fails on CPU processes: its gradient all-gather over gloo modifies a view "
-            'in place ("Output 0 of Split is a view and is being modified inplace"); on CPU use ZeRO-3 '
-            "(ds_z3_config.json) or no deepspeed; ZeRO-2 runs on GPUs",
-        )
+    if inventory is None:
+        check_cpu_run(args, nproc, report)
     if inventory is not None:
         check_gpus(inventory, nproc, args, report)
         check_memory(inventory, model, args, world, report)
     check_env(env, args, model, inventory is not None, nproc, report)
     check_model(model, env, report)
     check_template(args, templates, model, report)
-    check_datasets(args, data, report)
+    check_datasets(args, data, report, model)
     check_batch(args, world, previous, keep_effective_batch, report)
     return report

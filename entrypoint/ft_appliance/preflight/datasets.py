@@ -25,11 +25,14 @@ DEFAULT_COLUMNS = {"alpaca": {"prompt": "instruction", "response": "output"}, "s
 RANKING_COLUMNS = {"chosen": "chosen", "rejected": "rejected"}
 
 
-def required_columns(entry: Mapping[str, Any]) -> dict[str, str]:
-    """role -> column name that every example must carry, from the dataset_info entry."""
+def required_columns(entry: Mapping[str, Any], stage: str = "sft") -> dict[str, str]:
+    """role -> column name that every example must carry, from the dataset_info entry. Pre-training
+    (`stage: pt`) reads only the text: the prompt column."""
     formatting = str(entry.get("formatting", "alpaca"))
     columns = entry.get("columns") if isinstance(entry.get("columns"), dict) else {}
     needed = dict(DEFAULT_COLUMNS.get(formatting, {}))
+    if formatting == "alpaca" and stage == "pt":
+        needed.pop("response", None)
     if formatting == "alpaca" and entry.get("ranking"):
         needed.pop("response", None)
         needed.update(RANKING_COLUMNS)
@@ -37,13 +40,13 @@ def required_columns(entry: Mapping[str, Any]) -> dict[str, str]:
     return needed
 
 
-def check_file(path: Path, entry: Mapping[str, Any]) -> str | None:
+def check_file(path: Path, entry: Mapping[str, Any], stage: str = "sft") -> str | None:
     """The first problem with one data file, or None."""
     kind = FORMATS.get(path.suffix.lower())
     if kind is None:
         return f"file {path} has an extension LlamaFactory cannot read (use .json, .jsonl, .csv, .parquet or .arrow)"
     if kind in ("parquet", "arrow"):
-        return _check_columnar(path, kind, required_columns(entry))
+        return _check_columnar(path, kind, required_columns(entry, stage))
     try:
         whole = path.suffix.lower() == ".json" and path.stat().st_size <= FULL_PARSE_BYTES
         raw = path.read_bytes() if whole else _head(path)  # line formats: the first rows are the sample
@@ -61,7 +64,7 @@ def check_file(path: Path, entry: Mapping[str, Any]) -> str | None:
         return f"file {path} {exc}"
     if not rows:
         return f"file {path} has no examples"
-    return _check_rows(path, rows, required_columns(entry))
+    return _check_rows(path, rows, required_columns(entry, stage))
 
 
 def _head(path: Path, size: int = 8 * 2**20) -> bytes:

@@ -54,6 +54,8 @@ class DatasetFacts:
     info_error: str | None = None
     files: dict[str, str | None] = field(default_factory=dict)
     """dataset name -> problem with its file(s), or None when readable."""
+    media: dict[str, list[str]] = field(default_factory=dict)
+    """dataset name -> the media its entry maps (images, videos, audios): it needs a multimodal model."""
 
 
 def _limit(which: int) -> int | None:
@@ -210,7 +212,7 @@ def _load_tokenizer(path: Path) -> tuple[frozenset[str] | None, str | None]:
     return None
 
 
-def read_datasets(names: list[str], dataset_dir: Path) -> DatasetFacts:
+def read_datasets(names: list[str], dataset_dir: Path, stage: str = "sft") -> DatasetFacts:
     info_path = dataset_dir / "dataset_info.json"
     if not dataset_dir.is_dir():
         return DatasetFacts(dataset_dir, None, "does not exist")
@@ -223,20 +225,24 @@ def read_datasets(names: list[str], dataset_dir: Path) -> DatasetFacts:
     if not isinstance(info, dict):
         return DatasetFacts(dataset_dir, None, "dataset_info.json is not a mapping of dataset names")
     files: dict[str, str | None] = {}
+    media: dict[str, list[str]] = {}
     for name in names:
         entry = info.get(name)
         if not isinstance(entry, dict):
             continue
+        columns = entry.get("columns") if isinstance(entry.get("columns"), dict) else {}
+        if found := [m for m in ("images", "videos", "audios") if m in columns]:
+            media[name] = found
         if "file_name" not in entry:
             files[name] = (
                 None if any(k in entry for k in ("hf_hub_url", "ms_hub_url", "om_hub_url")) else ("has no file_name")
             )
             continue
-        files[name] = _dataset_problem(dataset_dir / str(entry["file_name"]), entry)
-    return DatasetFacts(dataset_dir, info, None, files)
+        files[name] = _dataset_problem(dataset_dir / str(entry["file_name"]), entry, stage)
+    return DatasetFacts(dataset_dir, info, None, files, media)
 
 
-def _dataset_problem(target: Path, entry: dict[str, Any]) -> str | None:
+def _dataset_problem(target: Path, entry: dict[str, Any], stage: str) -> str | None:
     from .datasets import FORMATS, check_file
 
     if not target.exists():
@@ -247,9 +253,9 @@ def _dataset_problem(target: Path, entry: dict[str, Any]) -> str | None:
         inside = sorted(p for p in target.iterdir() if p.is_file() and not p.name.startswith("."))
         if not inside:
             return f"folder {target} holds no data files"
-        return next((p for f in inside[:3] if (p := check_file(f, entry))), None)
+        return next((p for f in inside[:3] if (p := check_file(f, entry, stage))), None)
     if not os.access(target, os.R_OK):
         return f"file {target} is not readable"
     if target.stat().st_size == 0:
         return f"file {target} is empty"
-    return check_file(target, entry)
+    return check_file(target, entry, stage)

@@ -167,7 +167,7 @@ def check(
     if not data_dir.is_absolute():
         data_dir = plan.workdir / data_dir
     names = dataset_names(args)
-    data = read_datasets(names, data_dir) if names else None
+    data = read_datasets(names, data_dir, str(args.get("stage", "sft"))) if names else None
     ds = args.get("deepspeed")
     ds_exists = None
     if isinstance(ds, str):

@@ -81,7 +81,7 @@ def needs(args: Mapping[str, Any], model_config: Mapping[str, Any] | None = None
     method = str(quant.get("quant_method", "")) if isinstance(quant, dict) else ""
     if method in PRE_QUANTIZED:
         found.append(
-            Need(f"a {method.upper()}-quantized model", PRE_QUANTIZED[method], None, "use the unquantized model")
+            Need(f"a model quantized with {method.upper()}", PRE_QUANTIZED[method], None, "use the unquantized model")
         )
     return found
 

@@ -180,3 +180,35 @@ def test_oft_under_ddp_gets_non_reentrant_checkpointing(args, world, update, war
     fix_oft_under_ddp(args, world, report)
     assert report.updates == update
     assert any(p.check == "config.oft_ddp" for p in report.problems) is warned
+
+
+def _cpu_report(tmp_path: Path, args: dict, config: dict, data=None) -> Report:  # noqa: ANN001
+    env = EnvFacts(2**34, -1, 8 * 2**20, tmp_path, 2**40, True)
+    model = ModelFacts("m", tmp_path, config, ("model.safetensors",), ("tokenizer.json",))
+    return run_checks({"do_train": True, **args}, inventory=None, nproc=2, world=2, env=env, model=model, data=data,
+                      templates={})  # fmt: skip
+
+
+def test_fp8_on_a_cpu_run_is_a_config_error(tmp_path: Path) -> None:
+    (p,) = [p for p in _cpu_report(tmp_path, {"fp8": True}, {}).problems if p.check == "config.cpu_fp8"]
+    assert "FP8 training needs a GPU of compute capability 8.9" in p.message and exit_code_for(p) == 3
+
+
+@pytest.mark.parametrize(
+    ("config", "refused"),
+    [({"model_type": "llama"}, True), ({"model_type": "qwen2_5_vl", "vision_config": {}}, False),
+     ({"model_type": "qwen2_audio", "audio_config": {}}, False)],
+)  # fmt: skip
+def test_a_dataset_with_images_needs_a_multimodal_model(tmp_path: Path, config: dict, refused: bool) -> None:
+    from ft_appliance.preflight.facts import DatasetFacts
+
+    data = DatasetFacts(tmp_path, {"mllm": {}}, None, {"mllm": None}, {"mllm": ["images"]})
+    found = [
+        p
+        for p in _cpu_report(tmp_path, {"dataset": "mllm", "model_name_or_path": "m"}, config, data).problems
+        if p.check == "data.multimodal"
+    ]
+    assert bool(found) == refused
+    if found:
+        assert "dataset 'mllm' has images, but m is a text-only model" in found[0].message
+        assert exit_code_for(found[0]) == 9

@@ -60,3 +60,6 @@ def test_an_array_too_big_to_parse_whole_is_sampled_from_its_head(tmp_path: Path
 def test_required_columns_follow_the_formatting() -> None:
     assert required_columns({}) == {"prompt": "instruction", "response": "output"}
     assert required_columns({"formatting": "sharegpt", "columns": {"messages": "msgs"}}) == {"messages": "msgs"}
+    # pre-training reads only the text (LlamaFactory's c4_demo maps just `prompt: text`)
+    assert required_columns({"columns": {"prompt": "text"}}, stage="pt") == {"prompt": "text"}
+    assert required_columns({"columns": {"prompt": "text"}}) == {"prompt": "text", "response": "output"}
