@@ -67,6 +67,8 @@ CASES: dict[str, tuple[str, dict, list[str]]] = {
         ["--no-profile"],
     ),
     "profile": ("ft", {}, []),
+    # QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (the GPU image carries it), the profile on.
+    "qlora": ("ft", {"quantization_bit": 4, "quantization_method": "bnb", "double_quantization": True}, []),
 }
 
 
@@ -255,7 +257,8 @@ def run_case(
         result["launch_to_first_step_s"] = round(first["time"] - t0 - first["seconds"], 1)  # the step begins
         result["launch_to_first_step_done_s"] = round(first["time"] - t0, 1)
         result["first_step_s"] = first["seconds"]
-        events = read_jsonl(out / ".ft" / "events.jsonl")
+        # An Event's own numbers ride in its `data` (state/records.py): read them beside its fields.
+        events = [{**e.get("data", {}), **e} for e in read_jsonl(out / ".ft" / "events.jsonl")]
         result["startup"] = startup_breakdown(events, steps_rec, attempt=1)
         saves = [e for e in events if e.get("event") == "save"]
         if saves:
@@ -284,9 +287,10 @@ def startup_breakdown(events: list[dict], steps_rec: list[dict], attempt: int) -
             "cli_to_launch (imports, preflight)": launch["time"] - (launch.get("cli_start") or launch["time"]),
         }
     )
-    # A spare (supervise.py) started and imported before the launch: those phases take no time then.
-    started = max(imports["process_start"], launch["time"])
-    imported = max(imports.get("imported", imports["time"]), started)
+    # A spare started and imported before the launch: those phases take no time then.
+    marks = imports.get("data", {})  # the Event record's own numbers (state/records.py)
+    started = max(marks.get("main_start", imports["time"]), launch["time"])
+    imported = max(marks.get("imported", imports["time"]), started)
     out |= {
         "launch_to_worker_process (torchrun)": started - launch["time"],
         "worker_imports (torch, transformers, llamafactory)": imported - started,
