@@ -17,7 +17,7 @@ from typing import Any
 
 from .cli_options import PreflightOptions, RunOptions
 from .config.plan import Plan, build_plan, default_config, read_yaml, resolve_output_dir
-from .errors import ApplianceError, ConfigError, PreflightError, StateError, Stopped
+from .errors import EXIT_ENVIRONMENT, ApplianceError, ConfigError, PreflightError, StateError, Stopped
 from .run.report import RunResult, artifacts, summary_lines
 from .run.signals import Shutdown, ShutdownRequested
 from .state.history import is_finished
@@ -149,24 +149,35 @@ def _hub_backoff() -> float:
 
 
 def stage_hub(plan: Plan, inventory: Any, echo: Echo) -> Plan:
-    """A hub model not yet in the volume's cache is downloaded here, once, by the run's owner; then the
-    model checks run on the files, and every worker loads them offline."""
+    """Hub models and hub datasets not yet in the volume's cache are downloaded here, once, by the run's
+    owner; then the model checks run on the files, and every worker loads them offline."""
     import os
 
-    from .preflight.facts import cached_snapshot, hub_id
+    from .preflight.facts import cached_snapshot, hub_id, hub_offline
     from .preflight.gate import check_model_files
+    from .stage.datasets import cached, hub_datasets
+    from .stage.datasets import stage as stage_datasets
     from .stage.hub import pull
 
     repo = hub_id(str(plan.args.get("model_name_or_path", "")), plan.workdir)
-    if repo is None:
-        return plan
     revision = plan.args.get("model_revision")
-    if cached_snapshot(repo, revision) is None:
-        got = pull(repo, revision, lambda m: echo(f"[ft] {m}"), backoff_s=_hub_backoff())
+    if repo is not None and cached_snapshot(repo, revision) is None:
+        got = pull(repo, revision, _say(echo), backoff_s=_hub_backoff())
         echo(f"[ft] staged {repo}@{got.revision[:12]}: {got.files} files in {got.path}")
         check_model_files(plan, inventory)  # the model's own checks, now that its files are here
-    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):  # the workers (and spares) inherit these
-        os.environ[key] = "1"
+    from_hub = hub_datasets(plan.args, plan.workdir)
+    missing = [ds for ds in from_hub if not cached(ds)]
+    if missing and hub_offline(os.environ):
+        raise PreflightError(
+            f"dataset {missing[0].name!r} comes from the hub ({missing[0].repo}) and the hub is off here (FT_OFFLINE=1 "
+            "or HF_HUB_OFFLINE=1): unset it for the first start, or copy the data files under /data/datasets and "
+            "name them with file_name", EXIT_ENVIRONMENT,
+        )  # fmt: skip
+    if missing:
+        stage_datasets(plan.args, plan.workdir, _say(echo), _hub_backoff())
+    if repo is not None or from_hub:  # staged: the workers (and spares) inherit these and stay offline
+        for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+            os.environ[key] = "1"
     return plan
 
 

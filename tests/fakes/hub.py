@@ -1,8 +1,10 @@
 """A Hugging Face hub of our own on loopback (HF_ENDPOINT): the file API huggingface_hub's
-snapshot_download and model_info use, for model repos served from local folders.
+snapshot_download and model_info use, and what `datasets.load_dataset` reads through it, for model
+and dataset repos served from local folders (dataset repos under /api/datasets and /datasets/).
 
     GET  /api/models/{repo}[/revision/{rev}]        {"id", "sha", "siblings": [{"rfilename", "size"}]}
-    GET  /api/models/{repo}/tree/{sha}?recursive=…  [{"type": "file", "path", "size", "oid"}]
+    GET  /api/models/{repo}/tree/{sha}[/{path}]     [{"type": "file", "path", "size", "oid"}]
+    POST /api/datasets/{repo}/paths-info/{sha}      the same entries for the paths asked for
     HEAD /{repo}/resolve/{rev}/{file}               X-Repo-Commit, ETag, Content-Length
     GET  /{repo}/resolve/{rev}/{file}               the bytes (honours Range)
 
@@ -21,8 +23,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-API = re.compile(r"^/api/models/(?P<repo>[^/]+/[^/]+)(?:/revision/(?P<rev>[^/]+)|/tree/(?P<tree>[^/]+))?$")
-RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
+API = re.compile(
+    r"^/api/(?P<kind>models|datasets)/(?P<repo>[^/]+/[^/]+)"
+    r"(?:/revision/(?P<rev>[^/]+)|/tree/(?P<tree>[^/]+)(?:/(?P<sub>.*))?|/paths-info/(?P<info>[^/]+))?$"
+)
+RESOLVE = re.compile(r"^/(?:datasets/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
 
 
 class FakeHub:
@@ -39,6 +44,9 @@ class FakeHub:
 
             def do_HEAD(self) -> None:  # noqa: N802
                 hub.handle(self, body=False)
+
+            def do_POST(self) -> None:  # noqa: N802
+                hub.handle(self, body=True)
 
             def log_message(self, *args: object) -> None:
                 pass
@@ -89,12 +97,35 @@ class FakeHub:
         repo = m["repo"]
         if refused := self._allowed(h, repo):
             return self._refuse(h, 401 if refused == "GatedRepo" else 404, refused)
-        rev = m.groupdict().get("rev") or m.groupdict().get("tree") or "main"
+        g = m.groupdict()
+        rev = g.get("rev") or g.get("tree") or g.get("info") or "main"
         if rev not in ("main", self.sha(repo)):
             return self._refuse(h, 404, "RevisionNotFound")
-        if "file" in m.groupdict() and m["file"]:
-            return self._file(h, repo, m["file"], body)
-        return self._api(h, repo, tree=m.groupdict().get("tree") is not None)
+        if g.get("file"):
+            return self._file(h, repo, g["file"], body)
+        if g.get("info"):
+            return self._paths_info(h, repo)
+        if g.get("sub"):  # a folder: the files here are flat
+            return self._json(h, [])
+        return self._api(h, repo, tree=g.get("tree") is not None)
+
+    def _entry(self, p: Path) -> dict:
+        return {"type": "file", "path": p.name, "size": p.stat().st_size, "oid": self._oid(p)}
+
+    def _paths_info(self, h: BaseHTTPRequestHandler, repo: str) -> None:
+        from urllib.parse import parse_qs
+
+        length = int(h.headers.get("Content-Length", "0"))
+        asked = parse_qs(h.rfile.read(length).decode()).get("paths", [])
+        self._json(h, [self._entry(p) for p in self.files(repo) if p.name in asked])
+
+    def _json(self, h: BaseHTTPRequestHandler, data: object) -> None:
+        out = json.dumps(data).encode()
+        h.send_response(200)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(out)))
+        h.end_headers()
+        h.wfile.write(out)
 
     def _api(self, h: BaseHTTPRequestHandler, repo: str, tree: bool) -> None:
         files = self.files(repo)

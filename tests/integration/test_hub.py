@@ -105,3 +105,48 @@ def test_a_downloaded_model_is_checked_before_any_worker_starts(make_config, tmp
     assert res.returncode == 9 and len(lines) == 1 and "model.safetensors" in lines[0], res.stderr[-2000:]
     assert "staged acme/torn-llama@" in res.stdout
     assert not (tmp_path / "output" / "torn" / ".ft" / "attempts").exists()  # nothing launched
+
+
+DATASET = "acme/sums"
+
+
+def hub_dataset(demo_root: Path, tmp_path: Path, hub: FakeHub) -> Path:
+    """A dataset repo on the hub of our own (its data file is the demo's), and a dataset_dir whose
+    dataset_info.json names it by hf_hub_url only."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    info = json.loads((demo_root / "datasets" / "dataset_info.json").read_text())
+    (repo / "train.json").write_bytes((demo_root / "datasets" / next(iter(info.values()))["file_name"]).read_bytes())
+    hub.add(DATASET, repo)
+    data = tmp_path / "datasets"
+    data.mkdir()
+    (data / "dataset_info.json").write_text(json.dumps({"sums": {"hf_hub_url": DATASET}}))
+    return data
+
+
+def test_a_hub_dataset_is_staged_once_by_the_head_and_the_workers_load_it_offline(
+    make_config, demo_root: Path, tmp_path: Path, hub
+) -> None:
+    data = hub_dataset(demo_root, tmp_path, hub)
+    cfg = make_config("hubds", dataset="sums", dataset_dir=str(data), max_steps=6, save_steps=3)
+    env = online(hub, tmp_path, HF_DATASETS_OFFLINE="1")  # as the image sets it
+    res = run_cli("train", str(cfg), *FAST, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert f"staged dataset 'sums' from {DATASET}@{hub.sha(DATASET)[:12]}" in res.stdout
+    gets = [k for k in hub.requests if k.startswith("GET /datasets/acme/sums/resolve/")]
+    assert [g.rsplit("/", 1)[1] for g in gets] == ["train.json"] and hub.requests[gets[0]] == 1  # once, not per rank
+    assert trainer_state(tmp_path / "output" / "hubds")["global_step"] == 6
+    before = sum(hub.requests.values())
+    again = run_cli("train", str(cfg), "max_steps=9", *FAST, env=env, timeout=600)
+    assert again.returncode == 0 and "staged dataset" not in again.stdout, again.stdout[-2000:]
+    assert sum(hub.requests.values()) == before  # cached: the restart asked the hub nothing
+
+
+def test_a_hub_dataset_with_the_hub_off_is_one_line(make_config, demo_root: Path, tmp_path: Path, hub) -> None:
+    data = hub_dataset(demo_root, tmp_path, hub)
+    cfg = make_config("hubds", dataset="sums", dataset_dir=str(data))
+    res = run_cli("train", str(cfg), *FAST, env=online(hub, tmp_path, HF_HUB_OFFLINE="1"), timeout=300)
+    assert res.returncode == 8, res.stdout[-2000:] + res.stderr[-2000:]
+    (line,) = [ln for ln in res.stderr.splitlines() if ln.startswith("ft-appliance:")]
+    assert f"dataset 'sums' comes from the hub ({DATASET}) and the hub is off here" in line
+    assert not hub.requests
