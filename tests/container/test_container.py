@@ -284,3 +284,25 @@ def test_compose_restart_policy_recovers_from_a_killed_container(volume: str, tm
         assert _resumed_from(out, 2) is not None
     finally:
         subprocess.run([*compose, "down"], capture_output=True, timeout=120)
+
+
+def test_two_containers_with_host_networking_train_as_two_nodes_and_survive_a_docker_kill(volume: str) -> None:
+    """The multi-node path in the image: two containers on one volume, each a node (LlamaFactory's
+    NNODES/NODE_RANK/MASTER_ADDR/MASTER_PORT), their rendezvous and control channel on loopback."""
+    cfg, out = demo_layout(volume, 120, 10, "nodes")
+    port = 29000 + int(volume[-4:], 16) % 3000
+    names = [f"{volume}-node{k}" for k in (0, 1)]
+    for k, name in enumerate(names):
+        env = ["-e", "NNODES=2", "-e", f"NODE_RANK={k}", "-e", "MASTER_ADDR=127.0.0.1", "-e", f"MASTER_PORT={port}"]
+        sh("docker", "run", "--network", "host", "-d", "--name", name, *env, "-v", f"{volume}:/data", IMAGE,
+           "train", cfg, "--nproc", "1", "--backoff", "0.2")  # fmt: skip
+    wait_for(lambda: (out / "checkpoint-20" / ".ft-complete.json").exists() and last_step(out) >= 23, 300,
+             what="step 23")  # fmt: skip
+    sh("docker", "kill", names[1])  # a node's container dies; its restart policy would start it again
+    sh("docker", "start", names[1])
+    for name in names:
+        assert int(sh("docker", "wait", name, timeout=600).stdout) == 0, sh("docker", "logs", name).stderr[-3000:]
+    head = sh("docker", "logs", names[0]).stdout
+    assert "nodes: node 0 of 2 (NNODES, NODE_RANK), static rendezvous at 127.0.0.1" in head
+    assert "attempt 2: resuming from checkpoint-" in head and "finished: 120/120 steps" in head
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 120
