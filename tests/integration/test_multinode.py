@@ -117,18 +117,27 @@ def test_killed_nodes_resume_together_to_the_uninterrupted_weights(
     wait_for(lambda: (out / "checkpoint-30" / MARKER).exists() and last_step(out) >= 33, 300, what="step 33")
     # 2. Node 1 dies whole (a host crash: supervisor and tree), and its scheduler starts it again.
     kill_processes(tree(node1))
-    nodes.start(1)
+    node1 = nodes.start(1)
+    wait_for(lambda: sd.run_file(3).exists(), 120, what="attempt 3")
+    wait_for(lambda: (out / "checkpoint-40" / MARKER).exists() and last_step(out) >= 43, 300, what="step 43")
+    # 3. The head dies whole and is started again: node 1 ends its part, waits, and joins the new head.
+    first_head = (nodes.tmp / "node0-1.log").read_text()
+    kill_processes(tree(head))
+    nodes.start(0)
     rc0, text0 = nodes.wait(0)
     rc1, text1 = nodes.wait(1)
     assert (rc0, rc1) == (0, 0), (text0[-3000:], text1[-3000:])
-    lines0 = ft_lines(text0)
+    lines0 = ft_lines(first_head) + ft_lines(text0)
     assert any("attempt 2: resuming from checkpoint-10" in ln for ln in lines0), lines0
     assert any("attempt 3: resuming from checkpoint-30" in ln for ln in lines0), lines0
+    assert any("attempt 4: resuming from checkpoint-40" in ln for ln in lines0), lines0
     assert any("node 1 left the job" in ln for ln in lines0)
-    assert sum("node 1 (" in ln and "joined" in ln for ln in lines0) == 2
-    assert sd.attempt_numbers() == [1, 2, 3]  # one numbering for the job: node 1 ran the head's attempts
-    assert sd.output_log(3, 1).exists() and not (sd.attempts / "4").exists()
-    assert any("finished: 60/60" in ln for ln in ft_lines(text1))
+    assert sum("node 1 (" in ln and "joined" in ln for ln in lines0) == 3
+    assert sd.attempt_numbers() == [1, 2, 3, 4]  # one numbering for the job: node 1 ran the head's attempts
+    assert sd.output_log(4, 1).exists() and not (sd.attempts / "5").exists()
+    lines1 = ft_lines(text1)
+    assert any("the head's supervisor is gone: waiting for a new head" in ln for ln in lines1), lines1
+    assert any("finished: 60/60" in ln for ln in lines1)
     assert max_abs_diff(read_adapter(reference), read_adapter(out)) == 0.0
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(sd.root) in " ".join(p.info["cmdline"] or [])]
 
