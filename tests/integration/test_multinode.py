@@ -4,6 +4,7 @@ and one shared output folder. Real torchrun, real LlamaFactory, real signals."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -193,3 +194,34 @@ def test_a_node_whose_head_is_unreachable_says_so_in_one_line(make_config, tmp_p
     assert res.returncode == 8
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("ft-appliance:")]
     assert len(lines) == 1 and "cannot reach the head node at 127.0.0.1" in lines[0] and "Traceback" not in res.stderr
+
+
+def test_two_nodes_through_torchrun_c10d_rendezvous_given_as_options(make_config, tmp_path: Path) -> None:
+    """The same job through torchrun's dynamic rendezvous: --rdzv-endpoint and --rdzv-id as options,
+    the node count from FT_NNODES, node 0 (the head) by --node-rank."""
+    out = tmp_path / "output" / "c10d"
+    cfg = make_config("c10d", max_steps=12, save_steps=6)
+    endpoint = f"127.0.0.1:{free_ports()}"
+    procs = [
+        start_cli(
+            "train",
+            str(cfg),
+            "--nproc",
+            "1",
+            "--node-rank",
+            str(k),
+            "--rdzv-endpoint",
+            endpoint,
+            "--rdzv-id",
+            "job-c10d",
+            log=tmp_path / f"c{k}.log",
+            env={"FT_NNODES": "2"},
+        )  # fmt: skip
+        for k in (0, 1)
+    ]
+    assert [p.wait(400) for p in procs] == [0, 0], (tmp_path / "c0.log").read_text()[-3000:]
+    head = (tmp_path / "c0.log").read_text()
+    assert f"nodes: node 0 of 2 (--node-rank, FT_NNODES), c10d rendezvous at {endpoint} (--rdzv-endpoint)" in head
+    argv = json.loads((StateDir(out).launch_file(1)).read_text())["argv"]
+    assert argv[argv.index("--rdzv-backend") + 1] == "c10d" and argv[argv.index("--rdzv-id") + 1] == "job-c10d"
+    assert "the head finished the job" in (tmp_path / "c1.log").read_text() and last_step(out) == 12
