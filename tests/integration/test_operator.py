@@ -55,6 +55,8 @@ def test_status_metrics_curve_and_webhook_across_a_crash(make_config, tmp_path: 
     env = {"FT_NOTIFY_URL": hook.url, "FT_NOTIFY_BACKOFF_S": "0.1", "HF_TOKEN": SECRET}
     sup = start_cli("train", str(cfg), *FAST, "--metrics-port", str(port), log=tmp_path / "log1", env=env)
     wait_for(lambda: (out / "checkpoint-10" / MARKER).exists() and last_step(out) >= 14, 240, what="step 14")
+    # status.json follows the workers' records at the supervisor's next poll (half a second) or later
+    wait_for(lambda: (status_json(out)["status"].get("last_checkpoint") or 0) >= 10, 60, what="status to catch up")
     running = status_json(out)
     assert running["state"] == "running" and running["supervisor_alive"]
     assert running["status"]["progress"]["max_steps"] == 300 and running["status"]["last_checkpoint"] >= 10
