@@ -174,7 +174,7 @@ def stage_hub(plan: Plan, inventory: Any, echo: Echo) -> Plan:
             "name them with file_name", EXIT_ENVIRONMENT,
         )  # fmt: skip
     if missing:
-        stage_datasets(plan.args, plan.workdir, _say(echo), _hub_backoff())
+        stage_datasets(missing, plan.args, _say(echo), _hub_backoff())
     if repo is not None or from_hub:  # staged: the workers (and spares) inherit these and stay offline
         for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
             os.environ[key] = "1"

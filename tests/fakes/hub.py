@@ -130,18 +130,9 @@ class FakeHub:
     def _api(self, h: BaseHTTPRequestHandler, repo: str, tree: bool) -> None:
         files = self.files(repo)
         if tree:
-            data: object = [
-                {"type": "file", "path": p.name, "size": p.stat().st_size, "oid": self._oid(p)} for p in files
-            ]
-        else:
-            siblings = [{"rfilename": p.name, "size": p.stat().st_size} for p in files]
-            data = {"id": repo, "modelId": repo, "sha": self.sha(repo), "siblings": siblings, "private": False}
-        out = json.dumps(data).encode()
-        h.send_response(200)
-        h.send_header("Content-Type", "application/json")
-        h.send_header("Content-Length", str(len(out)))
-        h.end_headers()
-        h.wfile.write(out)
+            return self._json(h, [self._entry(p) for p in files])
+        siblings = [{"rfilename": p.name, "size": p.stat().st_size} for p in files]
+        self._json(h, {"id": repo, "modelId": repo, "sha": self.sha(repo), "siblings": siblings, "private": False})
 
     def _oid(self, p: Path) -> str:
         return hashlib.sha1(p.read_bytes()).hexdigest()

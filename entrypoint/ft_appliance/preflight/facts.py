@@ -203,13 +203,6 @@ def _load_tokenizer(path: Path) -> tuple[frozenset[str] | None, str | None]:
             f"tokenizer.json does not load ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})",
         )
     return frozenset(loaded.get_vocab(with_added_tokens=True)), None
-    try:
-        from tokenizers import Tokenizer
-
-        Tokenizer.from_file(str(path / "tokenizer.json"))
-    except Exception as exc:  # noqa: BLE001 - the Rust side raises plain Exception for a broken file
-        return f"tokenizer.json does not load ({str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__})"
-    return None
 
 
 def read_datasets(names: list[str], dataset_dir: Path, stage: str = "sft") -> DatasetFacts:

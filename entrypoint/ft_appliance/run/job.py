@@ -48,11 +48,17 @@ class Job:
         """The other nodes whose supervisors are connected now (the head's view)."""
         if self.server is None:
             return []
-        return [k for k in range(1, self.topology.nnodes) if k not in self.server.missing()]
+        missing = set(self.server.missing())
+        return [k for k in range(1, self.topology.nnodes) if k not in missing]
 
     def stop_requests(self) -> list[StopRequest]:
         found = [read_record_or_none(p, StopRequest) for p in self.sd.stop_requests()]
         return [r for r in found if r is not None and r.job == self.token]
+
+    def stop_signal(self) -> int | None:
+        """The signal of the first stop any node of the job was asked for, or None."""
+        asked = self.stop_requests()
+        return asked[0].signum if asked else None
 
     def request_stop(self, signum: int, attempt: int | None) -> None:
         write_record(self.sd.stop_request(self.node), StopRequest(self.token, self.node, signum, attempt, time.time()))

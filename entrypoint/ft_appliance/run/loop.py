@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import replace
@@ -126,8 +127,8 @@ class Supervisor:
         """The backoff: a stop here, or from another node of the job, ends it."""
         deadline = time.monotonic() + seconds
         while True:
-            if self.job is not None and (asked := self.job.stop_requests()):
-                raise ShutdownRequested(asked[0].signum)
+            if self.job is not None and (signum := self.job.stop_signal()):
+                raise ShutdownRequested(signum)
             left = deadline - time.monotonic()
             if left <= 0:
                 return
@@ -166,9 +167,7 @@ class Supervisor:
                 if outcome.stopped_cleanly
                 else "before a checkpoint could be saved; the next start resumes from the last one"
             )
-            signum = self.shutdown.signum or (
-                asked[0].signum if self.job and (asked := self.job.stop_requests()) else 15
-            )
+            signum = self.shutdown.signum or (self.job and self.job.stop_signal()) or signal.SIGTERM
             raise Stopped(f"stopped {where}; start again to resume", signum)
         raise AttemptFailed(outcome, verdict)
 

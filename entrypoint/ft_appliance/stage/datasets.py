@@ -75,14 +75,15 @@ def cached(ds: HubDataset) -> bool:
     return any((root / ds.repo.replace("/", "___")).glob("*/*/*/dataset_info.json"))
 
 
-def stage(args: Mapping[str, Any], workdir: Path, say: Callable[[str], None], backoff_s: float) -> list[str]:
-    """Stage every hub dataset not cached yet; returns the names staged."""
+def stage(
+    missing: list[HubDataset], args: Mapping[str, Any], say: Callable[[str], None], backoff_s: float
+) -> list[str]:
+    """Stage the hub datasets not cached yet (the caller found them: hub_datasets, cached); returns
+    the names staged."""
     from .hub import pull
 
     staged = []
-    for ds in hub_datasets(args, workdir):
-        if cached(ds):
-            continue
+    for ds in missing:
         got = pull(ds.repo, None, say, repo_type="dataset", backoff_s=backoff_s)
         load = {**asdict(ds), "cache_dir": args.get("cache_dir"), "num_proc": args.get("preprocessing_num_workers")}
         env = {**os.environ, "HF_DATASETS_OFFLINE": "0", "HF_HUB_OFFLINE": "0"}
