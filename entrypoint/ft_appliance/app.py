@@ -181,19 +181,35 @@ def stage_hub(plan: Plan, inventory: Any, echo: Echo) -> Plan:
     return plan
 
 
-def maybe_autotune(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutdown, echo: Echo) -> Plan:
-    """On GPUs with the profile: the largest micro-batch that fits, from short real probes."""
+def maybe_autotune(plan: Plan, inventory: Any, opts: RunOptions, echo: Echo) -> Plan:
+    """On GPUs with the profile: the workers time the micro-batches at their first step (worker/autotune.py)."""
+    from .config.args import grad_accum, per_device
+    from .policy.autotune import MIN_GAIN, cache_key, cached, sizes
+    from .preflight.gate import cache_dir, world_size
+    from .state import files
+    from .state.records import AutotuneRequest
+
+    args = plan.args
     if inventory is None or opts.no_profile or opts.no_autotune:
         return plan
-    from .preflight.gate import cache_dir, world_size
-    from .run.probe import autotune
-
+    per, ga = per_device(args), grad_accum(args)
+    # DeepSpeed and FSDP accumulate themselves; the other stages' trainers compute their own losses.
+    own_loop = args.get("deepspeed") or args.get("fsdp") or args.get("stage", "sft") not in ("sft", "pt")
+    if own_loop or len(sizes(per, ga)) == 1:
+        return plan
     gpu = min(inventory.gpus, key=lambda g: g.memory_total_mib)
     cache = cache_dir() / "autotune.json"
-    updates, notes = autotune(plan, gpu.name, gpu.memory_total_mib * 2**20, world_size(plan), cache, shutdown, echo)
-    for note in notes:
-        echo(f"[ft] {note}")
-    return replace(plan, args={**plan.args, **updates})
+    key = cache_key(args, gpu.name, world_size(plan))
+    request = AutotuneRequest(str(cache), key, gpu.memory_total_mib * 2**20, per, ga)
+    hit = cached(files.read_json(cache), key, per, ga)
+    if hit is not None:
+        echo(f"[ft] autotune: micro-batch {hit.micro} from the cache ({cache.name}, key {key}): {hit.reason}")
+    else:
+        echo(
+            f"[ft] autotune: the workers time micro-batches of {', '.join(map(str, sizes(per, ga)))} at the first "
+            f"step (the config's {per} first; a larger one is kept only when {MIN_GAIN:.0%} faster or more)"
+        )
+    return replace(plan, autotune=request)
 
 
 def train(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutdown, echo: Echo) -> RunResult:
@@ -237,7 +253,7 @@ def lead(
     write_config_record(as_configured)
     t = plan.topology
     if not t.multi_node:
-        plan = maybe_autotune(plan, inventory, opts, shutdown, echo)
+        plan = maybe_autotune(plan, inventory, opts, echo)
     shutdown.check()
     job = None
     if t.multi_node:  # every node must have joined before the first launch

@@ -256,7 +256,7 @@ SUPERVISION = [
         "--no-autotune",
         is_flag=True,
         envvar="FT_NO_AUTOTUNE",
-        help="Do not probe for the largest micro-batch that fits (GPU runs with the profile only).",
+        help="Do not time larger micro-batches at the first step (GPU runs with the profile only).",
     ),
     _opt(
         "--metrics-port",

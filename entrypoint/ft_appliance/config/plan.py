@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from ..errors import ConfigError
+from ..state.records import AutotuneRequest
 from .topology import Topology
 
 
@@ -72,6 +73,8 @@ class Plan:
     """Policy decisions worth a log line ("overwrite_output_dir forced off: ...")."""
     tweaks: tuple[str, ...] = ()
     """Changes the worker makes to the loaded model (profile.Profile.tweaks), each explained in notes."""
+    autotune: AutotuneRequest | None = None
+    """Set on GPUs with the profile: the workers choose the micro-batch (worker/autotune.py)."""
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

@@ -15,12 +15,14 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from ..policy.autotune import describe
 from ..policy.progress import ProgressTracker, restart_history
 from ..result import metrics
 from ..state.checkpoints import step_of
 from ..state.files import JsonlTail
 from ..state.layout import StateDir, parse_records, read_record_or_none, write_record
 from ..state.records import (
+    AutotuneDecision,
     Event,
     Heartbeat,
     LogRecord,
@@ -33,6 +35,13 @@ from ..state.records import (
 )
 
 HEARTBEAT_EVERY_S = 5.0
+
+
+def autotune_line(data: Mapping[str, Any]) -> str:
+    try:
+        return describe(AutotuneDecision.from_dict(dict(data)), str(data.get("source", "")))
+    except ValueError as exc:
+        return f"autotune: unreadable event ({exc})"
 
 
 class StatusWriter:
@@ -67,7 +76,11 @@ class StatusWriter:
         logs = parse_records(self._logs.read_new(), LogRecord)
         self.tracker.add_steps(steps)
         self.tracker.add_logs(logs)
-        saves = [e for e in parse_records(self._events.read_new(), Event) if e.event == "save" and "step" in e.data]
+        events = parse_records(self._events.read_new(), Event)
+        for e in events:
+            if e.event == "autotune":
+                self.echo(f"[ft] {autotune_line(e.data)}")
+        saves = [e for e in events if e.event == "save" and "step" in e.data]
         if saves:
             self.last_checkpoint = (int(saves[-1].data["step"]), saves[-1].time)
             if self.on_checkpoint is not None:

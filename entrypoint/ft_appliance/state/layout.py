@@ -14,7 +14,6 @@
     .ft/attempts/N/outcome.json    AttemptOutcome      .../beat.json       BeatRecord
     .ft/attempts/N/failure-rankR.json  WorkerFailure   .../output.log      torchrun's output
     .ft/spares/K/go.json           GoFile              .../ready-rankR     a spare rank imported
-    .ft/autotune/micro-M/          a probe's own output_dir
     multi-node (one shared volume):
     .ft/job.json                   JobRecord (head)    .ft/job-end.json    JobEnd (head)
     .ft/nodes/K/lock, owner.json   node K's supervisor (K > 0; the head holds .ft/lock)
@@ -154,10 +153,6 @@ class StateDir:
     @property
     def completed(self) -> Path:
         return self.root / "completed.json"
-
-    @property
-    def autotune(self) -> Path:
-        return self.root / "autotune"
 
     # multi-node
     @property

@@ -152,6 +152,43 @@ LORA_ADD_IN_GEMM = "lora-add-in-gemm"
 
 
 @dataclass(frozen=True)
+class AutotuneRequest(Record):
+    """RunFile.autotune: the workers time micro-batches at train begin (policy/autotune.py decides,
+    worker/autotune.py measures) and train with the winner, keeping the config's effective batch."""
+
+    cache: str
+    """The decisions file (autotune.json under the appliance's cache); a hit skips the probes."""
+    key: str
+    """This model, card and settings (policy.autotune.cache_key)."""
+    gpu_bytes: int
+    per_device: int
+    grad_accum: int
+
+
+@dataclass(frozen=True)
+class MicroProbe(Record):
+    """One micro-batch size timed by the workers: forward and backward on the run's own first examples."""
+
+    micro: int
+    seconds_per_token: float | None = None
+    """None: it ran out of memory."""
+    peak: int | None = None
+    """Bytes at the peak, with the optimizer's state still to come added (what the run will need)."""
+
+
+@dataclass(frozen=True)
+class AutotuneDecision(Record):
+    """One entry of autotune.json, and the `autotune` event's data: what was chosen, why, and its cost."""
+
+    micro: int
+    per_device: int
+    probes: list[MicroProbe] = field(default_factory=list)
+    reason: str = ""
+    seconds: float = 0.0
+    """Wall time the probes took (the first start pays it once per model, card and settings)."""
+
+
+@dataclass(frozen=True)
 class RunFile(Record):
     """attempts/N/run.json: what one attempt's workers train."""
 
@@ -164,6 +201,7 @@ class RunFile(Record):
     rotation deletes before anything can mark the new checkpoint, so it is turned off)."""
     job: str | None = None
     """The job token of a multi-node run (JobRecord): the other nodes launch only run files of their job."""
+    autotune: AutotuneRequest | None = None
 
     @property
     def resume_from(self) -> str | None:

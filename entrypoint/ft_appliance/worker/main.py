@@ -156,6 +156,10 @@ def _train(ctx: WorkerContext, run: RunFile, started: float, spare: bool) -> int
             append_record(ctx.sd.events, Event("worker_imports", run.attempt, time.time(), data))
         from .callbacks import build_callbacks  # imports transformers: after the stop check
 
+        if run.autotune is not None:
+            from . import autotune
+
+            autotune.install(autotune.Regrouper(run.autotune, ctx))
         run_exp(args=dict(run.args), callbacks=build_callbacks(ctx))
     except StopRequested as exc:
         print(f"[ft-appliance worker rank {ctx.rank}] {exc}", flush=True)
