@@ -67,6 +67,8 @@ CASES: dict[str, tuple[str, dict, list[str]]] = {
         ["--no-profile"],
     ),
     "profile": ("ft", {}, []),
+    "profile-nospare": ("ft", {}, ["--no-spare"]),  # a restart without the warm spare's imports
+    "profile-noautotune": ("ft", {}, ["--no-autotune"]),
     # QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (the GPU image carries it), the profile on.
     "qlora": ("ft", {"quantization_bit": 4, "quantization_method": "bnb", "double_quantization": True}, []),
 }
@@ -184,7 +186,13 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def run_case(
-    work: Path, name: str, steps: int, kill_at: int | None = None, extra: dict | None = None, mfu: bool = True
+    work: Path,
+    name: str,
+    steps: int,
+    kill_at: int | None = None,
+    extra: dict | None = None,
+    mfu: bool = True,
+    cold: bool = False,
 ) -> dict:
     runner, overrides, flags = CASES[name]
     cfg = seed_config(work, name, steps, {**overrides, **(extra or {})})
@@ -192,6 +200,10 @@ def run_case(
     shutil.rmtree(out, ignore_errors=True)  # every case trains from scratch
     log = work / f"{name}.log"
     env = {**os.environ}
+    if cold:  # a first start on a new volume: no compiled kernels, no autotune decision
+        fresh = work / "cold" / f"{name}-{time.time_ns()}"
+        env |= {"TRITON_CACHE_DIR": str(fresh / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(fresh / "inductor")}
+        env["FT_CACHE_DIR"] = str(fresh / "ft")
     if runner == "lf":
         argv = [sys.executable, "-c", "from llamafactory.cli import main; main()", "train", str(cfg)]
     else:
@@ -260,6 +272,9 @@ def run_case(
         # An Event's own numbers ride in its `data` (state/records.py): read them beside its fields.
         events = [{**e.get("data", {}), **e} for e in read_jsonl(out / ".ft" / "events.jsonl")]
         result["startup"] = startup_breakdown(events, steps_rec, attempt=1)
+        tuned = [e for e in events if e.get("event") == "autotune"]
+        if tuned:  # the workers' decision, each size's timing and peak, and what the probes cost
+            result["autotune"] = {k: tuned[0].get(k) for k in ("source", "micro", "reason", "seconds", "probes")}
         saves = [e for e in events if e.get("event") == "save"]
         if saves:
             result["save_s"] = max(e["seconds"] for e in saves)
@@ -319,7 +334,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ft-bench"))
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--kill-at", type=int, default=None, help="SIGKILL the workers at this step (profile case)")
+    ap.add_argument("--kill-at", type=int, default=None, help="SIGKILL the workers at this step (profile cases)")
     ap.add_argument(
         "--set",
         action="append",
@@ -327,6 +342,7 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="extra config override for every case (a CPU smoke test: --set bf16=false)",
     )
+    ap.add_argument("--cold", action="store_true", help="each case with empty kernel and autotune caches")
     ap.add_argument("--tiny", action="store_true", help="CPU run on the tiny demo Llama (overhead, resume time)")
     ap.add_argument(
         "--no-bytecode",
@@ -350,8 +366,8 @@ def main() -> None:
     out = os.environ.get("OUT")
     results = []
     for case in a.cases:
-        kill_at = a.kill_at if case == "profile" else None
-        results.append(run_case(a.workdir, case, a.steps, kill_at, extra, mfu=not a.tiny))
+        kill_at = a.kill_at if case.startswith("profile") else None
+        results.append(run_case(a.workdir, case, a.steps, kill_at, extra, mfu=not a.tiny, cold=a.cold))
         if out:  # after every case, so a run cut short still reports what it measured
             (Path(out) / "bench.json").write_text(json.dumps(results, indent=1))
     print(table(results))
