@@ -69,6 +69,8 @@ CASES: dict[str, tuple[str, dict, list[str]]] = {
     "profile": ("ft", {}, []),
     "profile-nospare": ("ft", {}, ["--no-spare"]),  # a restart without the warm spare's imports
     "profile-noautotune": ("ft", {}, ["--no-autotune"]),
+    # The FP8 profile: the frozen base's matmuls in float8 (worker/fp8.py), the rest as the profile.
+    "fp8": ("ft", {}, ["--fp8-base"]),
     # QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (the GPU image carries it), the profile on.
     "qlora": ("ft", {"quantization_bit": 4, "quantization_method": "bnb", "double_quantization": True}, []),
 }
@@ -250,6 +252,7 @@ def run_case(
     lf_log = read_jsonl(lf_log_path)
     if lf_log:  # the first steps' loss, to compare the profile's with the defaults'
         result["first_losses"] = [round(r["loss"], 4) for r in lf_log[:5] if "loss" in r]
+        result["losses"] = [round(r["loss"], 5) for r in lf_log if "loss" in r]  # the whole curve
     steps_rec = read_jsonl(out / ".ft" / "steps.jsonl")
     if steps_rec:
         last_attempt = steps_rec[-1]["attempt"]

@@ -57,7 +57,9 @@ def preflight(plan: Plan, inventory: Any, opts: PreflightOptions, echo: Echo) ->
     Writes nothing: the run is not owned yet."""
     from .preflight.gate import check, raise_on_errors
 
-    result = check(plan, inventory, opts.keep_effective_batch, not opts.no_profile, opts.allow_config_change)
+    result = check(
+        plan, inventory, opts.keep_effective_batch, not opts.no_profile, opts.allow_config_change, opts.fp8_base
+    )
     for p in result.report.problems:
         if p.severity == "warning":
             echo(f"[ft] warning: {p.message}")
@@ -199,7 +201,7 @@ def maybe_autotune(plan: Plan, inventory: Any, opts: RunOptions, echo: Echo) -> 
         return plan
     gpu = min(inventory.gpus, key=lambda g: g.memory_total_mib)
     cache = cache_dir() / "autotune.json"
-    key = cache_key(args, gpu.name, world_size(plan))
+    key = cache_key(args, gpu.name, world_size(plan), plan.tweaks)
     request = AutotuneRequest(str(cache), key, gpu.memory_total_mib * 2**20, per, ga)
     hit = cached(files.read_json(cache), key, per, ga)
     if hit is not None:
@@ -411,7 +413,9 @@ def check(config: Path, overrides: tuple[str, ...], opts: PreflightOptions) -> t
     except PreflightError as exc:  # no GPU and no --nproc: one finding, and the config judged anyway
         no_gpu = Problem("gpu.none", exc.message)
         plan, inventory = make_plan(config, overrides, opts, cpu_fallback=1)
-    result = run_check(plan, inventory, opts.keep_effective_batch, not opts.no_profile, opts.allow_config_change)
+    result = run_check(
+        plan, inventory, opts.keep_effective_batch, not opts.no_profile, opts.allow_config_change, opts.fp8_base
+    )
     if no_gpu is not None:
         result.report.problems[:] = [no_gpu, *(p for p in result.report.problems if p.check not in CPU_ONLY)]
     code = worst_exit_code(result.report.problems)

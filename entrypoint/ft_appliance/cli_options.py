@@ -41,6 +41,7 @@ class PreflightOptions:
     topology_sources: tuple[tuple[str, str], ...] = ()
     """(option name, "--option" or its FT_* variable) for the node-layout options that were given."""
     no_profile: bool = False
+    fp8_base: bool = False
     keep_effective_batch: bool = False
     allow_config_change: bool = False
     inventory: Path | None = None
@@ -152,6 +153,13 @@ PREFLIGHT = [
         envvar="FT_NO_PROFILE",
         help="Do not apply the default performance profile (Liger, neat packing, no needless "
         "gradient checkpointing); train exactly as the YAML says.",
+    ),
+    _opt(
+        "--fp8-base",
+        is_flag=True,
+        envvar="FT_FP8_BASE",
+        help="The FP8 profile (Hopper and Ada, compute capability 8.9+): a bf16 LoRA run's frozen base "
+        "matmuls in float8, the LoRA path and the loss in bf16. Opt-in: it rounds the base's inputs.",
     ),
     _opt(
         "--keep-effective-batch",

@@ -113,6 +113,14 @@ def gpu(card: str, nproc: int | None = None, **kw: object) -> Callable[[Case], N
     return f
 
 
+def fp8_base_on(card: str, **kw: object) -> Callable[[Case], None]:
+    def f(c: Case) -> None:
+        gpu(card, bf16=True, **kw)(c)
+        c.extra.append("--fp8-base")
+
+    return f
+
+
 CORPUS: list[tuple[str, Callable[[Case], None], int, str]] = [
     ("invalid yaml", set_text("model_name_or_path: x\n  bad: [\n"), 3, "is not valid YAML at line 2"),
     ("empty file", set_text(""), 3, "is empty"),
@@ -176,6 +184,8 @@ CORPUS: list[tuple[str, Callable[[Case], None], int, str]] = [
     ("old driver", gpu("a100-old-driver", bf16=True), 4, "supports CUDA up to 12.2 but torch was built for CUDA 13.0"),
     ("fa3 on A100", gpu("a100", flash_attn="fa3", bf16=True), 4, "FlashAttention-3 needs compute capability 9.0"),
     ("8B LoRA on T4", big_model_on("t4"), 4, "use QLoRA (quantization_bit: 4)"),
+    ("--fp8-base on A100", fp8_base_on("a100"), 4, "--fp8-base needs compute capability 8.9 or newer (Ada, Hopper)"),
+    ("--fp8-base with QLoRA", fp8_base_on("h100", quantization_bit=4), 3, "--fp8-base and quantization_bit both"),
     # The config file itself
     ("bare number", set_text("42\n"), 3, "must be a mapping of LlamaFactory keys (key: value lines), not a int (42)"),
     ("bare boolean", set_text("true\n"), 3, "not a bool (True)"),

@@ -79,8 +79,8 @@ def test_regrouped_micro_batches_train_the_same_adapter(make_config, tmp_path: P
 
     plain_out, _, _ = _train(make_config("plain", **BATCH), tmp_path / "c0", "--no-autotune")
     cfg = make_config("regrouped", **BATCH)
-    args = json.loads((plain_out / ".ft" / "attempts" / "1" / "run.json").read_text())["args"]
-    key = cache_key(args, "NVIDIA L4", 2)
+    run = json.loads((plain_out / ".ft" / "attempts" / "1" / "run.json").read_text())
+    key = cache_key(run["args"], "NVIDIA L4", 2, tuple(run["tweaks"]))
     cache = tmp_path / "c1"
     cache.mkdir()
     decision = {"micro": micro, "per_device": 2, "reason": "written by the test"}

@@ -117,8 +117,9 @@ def cached(data: Any, key: str, per: int, ga: int) -> AutotuneDecision | None:
     return decision if decision.per_device == per and decision.micro in sizes(per, ga) else None
 
 
-def cache_key(args: Mapping[str, Any], gpu_name: str, world: int) -> str:
-    parts = {k: args.get(k) for k in KEY_ARGS}
+def cache_key(args: Mapping[str, Any], gpu_name: str, world: int, tweaks: tuple[str, ...] = ()) -> str:
+    parts: dict[str, Any] = {k: args.get(k) for k in KEY_ARGS}
+    parts["tweaks"] = sorted(tweaks)  # the profile's changes to the model (float8 base) change the timings
     parts["gpu"] = gpu_name
     parts["world"] = world
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]

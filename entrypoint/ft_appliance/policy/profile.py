@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config.args import cutoff, per_device
-from ..state.records import BLOCKDIAG_ATTENTION, LORA_ADD_IN_GEMM, LORA_INPUTS
+from ..state.records import BLOCKDIAG_ATTENTION, FP8_BASE, LORA_ADD_IN_GEMM, LORA_INPUTS
 
 GiB = 2**30
 
@@ -56,9 +56,13 @@ def fits_without_checkpointing(
 
 
 def performance_profile(
-    args: Mapping[str, Any], gpu: GpuFacts, config: Mapping[str, Any] | None, weights_bytes: float | None
+    args: Mapping[str, Any],
+    gpu: GpuFacts,
+    config: Mapping[str, Any] | None,
+    weights_bytes: float | None,
+    fp8_base: bool = False,
 ) -> Profile:
-    """Never touches a key the user set."""
+    """Never touches a key the user set. fp8_base: the opt-in FP8 profile (preflight checked it applies)."""
     profile = Profile()
     updates, notes = profile.updates, profile.notes
 
@@ -82,6 +86,12 @@ def performance_profile(
     if config and weights_bytes is not None and "disable_gradient_checkpointing" not in args:
         _choose_checkpointing(profile, args, gpu, config, weights_bytes, choose)
     _choose_lora_tweaks(profile, args)
+    if fp8_base:
+        profile.tweaks.append(FP8_BASE)
+        profile.notes.append(
+            "profile: the frozen base's matmuls in float8 (--fp8-base): weights quantised once, inputs and "
+            "gradients per call; the LoRA path, the loss and the optimizer stay in bf16/fp32"
+        )
     choose(
         "logging_nan_inf_filter",
         False,

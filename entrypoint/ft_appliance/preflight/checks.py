@@ -71,6 +71,39 @@ class Report:
 # --- GPU and precision --------------------------------------------------------------------------
 
 
+def check_fp8_base(args: Mapping[str, Any], inventory: Inventory | None, profile: bool, report: Report) -> None:
+    """--fp8-base (worker/fp8.py): float8 matmuls for a bf16 LoRA run's frozen base, on GPUs that have them."""
+    if inventory is None or not inventory.gpus:
+        report.add("gpu.fp8", "--fp8-base needs GPUs with float8 matmuls (compute capability 8.9+): drop it on CPU")
+        return
+    weakest = min(inventory.gpus, key=lambda g: g.compute_capability)
+    cc = weakest.compute_capability
+    if cc < (8, 9):
+        report.add(
+            "gpu.fp8",
+            f"--fp8-base needs compute capability 8.9 or newer (Ada, Hopper) but {weakest.name} is "
+            f"{cc[0]}.{cc[1]}: drop --fp8-base on these GPUs",
+        )
+    why = _fp8_base_conflict(args, profile)
+    if why:
+        report.add("config.fp8_base", f"--fp8-base {why}")
+
+
+def _fp8_base_conflict(args: Mapping[str, Any], profile: bool) -> str | None:
+    if not profile:
+        return "is part of the performance profile: drop --no-profile or --fp8-base"
+    if args.get("finetuning_type", "lora") != "lora":
+        return f"runs a LoRA run's frozen base in float8, not finetuning_type {args['finetuning_type']}: drop it"
+    if args.get("quantization_bit") or args.get("fp8"):
+        which = "quantization_bit" if args.get("quantization_bit") else "fp8: true"
+        return f"and {which} both change the base's matmuls: keep one of them"
+    if not args.get("bf16") or args.get("pure_bf16") or args.get("fp16"):
+        return "computes in bf16 under autocast: set bf16: true (not fp16 or pure_bf16)"
+    if args.get("deepspeed") or args.get("fsdp"):
+        return "is for DDP runs (DeepSpeed and FSDP shard the base): drop deepspeed/fsdp or --fp8-base"
+    return None
+
+
 def choose_precision(cc: tuple[int, int], args: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
     """Precision when the config leaves it open: bf16 from compute capability 8.0, else fp16."""
     if any(args.get(k) for k in ("bf16", "fp16", "pure_bf16")) or "bf16" in args or "fp16" in args:

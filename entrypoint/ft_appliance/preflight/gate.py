@@ -24,6 +24,7 @@ from .checks import (
     SPECIAL_TOKEN_RE,
     Report,
     check_config_change,
+    check_fp8_base,
     check_memory,
     check_model,
     check_template,
@@ -158,6 +159,7 @@ def check(
     keep_effective_batch: bool = False,
     profile: bool = True,
     allow_config_change: bool = False,
+    fp8_base: bool = False,
 ) -> GateResult:
     args = plan.args
     schema, templates = schema_and_templates()
@@ -188,11 +190,13 @@ def check(
         deepspeed_exists=ds_exists,
     )
     report.problems[:0] = report_problems
+    if fp8_base:
+        check_fp8_base({**args, **report.updates}, inventory, profile, report)
     _config_change(plan, report, allow_config_change)
     _installation_and_layout(plan, model, report)
     tweaks: tuple[str, ...] = ()
     if profile and inventory is not None and inventory.count and not report.errors:
-        tweaks = apply_profile(report, {**args, **report.updates}, inventory, model.config, world)
+        tweaks = apply_profile(report, {**args, **report.updates}, inventory, model.config, world, fp8_base)
     new_plan = replace(plan, args={**plan.args, **report.updates}, notes=(*plan.notes, *report.notes), tweaks=tweaks)
     return GateResult(new_plan, report, inventory)
 
@@ -266,7 +270,12 @@ def _resume_problem(raw: str, workdir: Path) -> str | None:
 
 
 def apply_profile(
-    report: Report, args: dict[str, Any], inventory: Inventory, config: dict[str, Any] | None, world: int
+    report: Report,
+    args: dict[str, Any],
+    inventory: Inventory,
+    config: dict[str, Any] | None,
+    world: int,
+    fp8_base: bool = False,
 ) -> tuple[str, ...]:
     """Adds the profile's updates and notes to the report; returns the worker's tweaks."""
     from ..policy.profile import GpuFacts, performance_profile
@@ -281,7 +290,7 @@ def apply_profile(
     )
     params = estimate_params(config) if config else None
     weights = estimate_gpu_bytes(params, args, world)[0] if params else None
-    chosen = performance_profile(args, gpu, config, weights)
+    chosen = performance_profile(args, gpu, config, weights, fp8_base)
     report.updates.update(chosen.updates)
     report.notes.extend(chosen.notes)
     return tuple(chosen.tweaks)

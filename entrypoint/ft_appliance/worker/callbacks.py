@@ -23,6 +23,7 @@ from ..state import checkpoints
 from ..state.layout import append_record, write_record
 from ..state.records import (
     BLOCKDIAG_ATTENTION,
+    FP8_BASE,
     LORA_ADD_IN_GEMM,
     LORA_INPUTS,
     LogRecord,
@@ -250,7 +251,7 @@ _LOG_KEYS = frozenset({"loss", "learning_rate", "eval_loss", "epoch"})
 
 def apply_tweaks(model: Any, tweaks: tuple[str, ...]) -> dict[str, str]:
     """After loading: LlamaFactory has no keys for these (policy/profile.py explains each)."""
-    from . import attention, lora
+    from . import attention, fp8, lora
 
     done: dict[str, str] = {}
     if BLOCKDIAG_ATTENTION in tweaks:
@@ -263,4 +264,6 @@ def apply_tweaks(model: Any, tweaks: tuple[str, ...]) -> dict[str, str]:
         done[LORA_INPUTS] = f"{lora.keep_lora_inputs_in_compute_dtype(model)} LoRA layers"
     if LORA_ADD_IN_GEMM in tweaks:
         done[LORA_ADD_IN_GEMM] = f"{lora.add_lora_in_gemm(model)} LoRA layers"
+    if FP8_BASE in tweaks:
+        done[FP8_BASE] = f"{fp8.use_float8_base(model)} frozen base layers in float8"
     return done

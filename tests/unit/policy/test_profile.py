@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ft_appliance.policy.profile import (
     BLOCKDIAG_ATTENTION,
+    FP8_BASE,
     LORA_ADD_IN_GEMM,
     LORA_INPUTS,
     GpuFacts,
@@ -92,3 +93,10 @@ def test_tweaks_only_where_safe_and_nobody_chose_otherwise() -> None:
     assert tweaks({**BF16, "finetuning_type": "full"}) == [BLOCKDIAG_ATTENTION]
     assert tweaks({**BF16, "deepspeed": "configs/deepspeed/ds_z3_config.json"}) == [BLOCKDIAG_ATTENTION]
     assert tweaks(SEED) == [BLOCKDIAG_ATTENTION]  # fp32
+
+
+def test_fp8_base_only_when_asked() -> None:
+    assert FP8_BASE not in performance_profile(BF16, H100_FLEX, LLAMA_8B, 16 * 2**30).tweaks
+    chosen = performance_profile(BF16, H100_FLEX, LLAMA_8B, 16 * 2**30, fp8_base=True)
+    assert FP8_BASE in chosen.tweaks and LORA_ADD_IN_GEMM in chosen.tweaks
+    assert any("float8 (--fp8-base)" in n for n in chosen.notes)

@@ -10,6 +10,7 @@ from ft_appliance.preflight.checks import (
     Report,
     RunMeta,
     check_batch,
+    check_fp8_base,
     check_gpus,
     check_memory,
     choose_precision,
@@ -94,6 +95,34 @@ def test_card_features(card: str, args: dict, check: str, needle: str) -> None:
     errors = [p for p in gpu_check(card, args).problems if p.severity == "error"]
     assert [p.check for p in errors] == [check]
     assert needle in errors[0].message
+
+
+LORA_BF16 = {"finetuning_type": "lora", "bf16": True}
+
+
+@pytest.mark.parametrize(
+    ("card", "args", "profile", "found"),
+    [
+        ("h100", LORA_BF16, True, []),
+        ("l4", LORA_BF16, True, []),  # Ada: compute capability 8.9
+        ("a100", LORA_BF16, True, [("gpu.fp8", "needs compute capability 8.9 or newer (Ada, Hopper) but NVIDIA A100")]),
+        (None, LORA_BF16, True, [("gpu.fp8", "drop it on CPU")]),
+        ("h100", LORA_BF16, False, [("config.fp8_base", "drop --no-profile or --fp8-base")]),
+        ("h100", {"finetuning_type": "full", "bf16": True}, True, [("config.fp8_base", "not finetuning_type full")]),
+        ("h100", {**LORA_BF16, "quantization_bit": 4}, True, [("config.fp8_base", "quantization_bit both")]),
+        ("h100", {**LORA_BF16, "fp8": True}, True, [("config.fp8_base", "fp8: true both")]),
+        ("h100", {"finetuning_type": "lora", "fp16": True}, True, [("config.fp8_base", "set bf16: true")]),
+        ("h100", {**LORA_BF16, "pure_bf16": True}, True, [("config.fp8_base", "set bf16: true")]),
+        ("h100", {**LORA_BF16, "deepspeed": "ds.json"}, True, [("config.fp8_base", "for DDP runs")]),
+    ],
+)
+def test_fp8_base_needs_float8_gpus_and_a_bf16_lora_run(card, args, profile, found) -> None:  # noqa: ANN001
+    report = Report()
+    check_fp8_base(args, inv(card) if card else None, profile, report)
+    assert [(p.check, p.severity) for p in report.problems] == [(check, "error") for check, _ in found]
+    for problem, (_, needle) in zip(report.problems, found, strict=True):
+        assert needle in problem.message and problem.message.startswith("--fp8-base")
+    assert [exit_code_for(p) for p in report.problems] == [3 if c.startswith("config") else 4 for c, _ in found]
 
 
 def test_l4_has_fp8_and_fa2() -> None:
