@@ -22,6 +22,8 @@ MIN_GAIN = 0.02
 # What the memory and speed of a step depend on; the cache key is built from these and the card.
 KEY_ARGS = (
     "model_name_or_path",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
     "cutoff_len",
     "finetuning_type",
     "lora_rank",

@@ -97,6 +97,7 @@ def measure(trainer: Any, request: AutotuneRequest) -> AutotuneDecision:
     torch.set_rng_state(rng[0])
     if rng[1] is not None:
         torch.cuda.set_rng_state_all(rng[1])
+        torch.cuda.reset_peak_memory_stats()  # the steps report their own peak, not a probe's
     return decide(done, per, card, round(time.monotonic() - started, 2))
 
 
