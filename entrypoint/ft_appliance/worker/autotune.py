@@ -58,6 +58,8 @@ class Regrouper:
     def _decide(self, trainer: Any) -> None:
         r = self.request
         decision = cached(files.read_json(Path(r.cache)), r.key, r.per_device, r.grad_accum)
+        if not _same_everywhere(trainer, decision.micro if decision else 0):
+            decision = None  # the ranks read different caches (another run wrote it meanwhile): measure
         where = "cache"
         if not trainer.model_accepts_loss_kwargs:  # the loss is a mean per micro-batch: regrouping changes it
             decision = AutotuneDecision(r.per_device, r.per_device, reason="the model takes no loss arguments")
@@ -154,6 +156,17 @@ def _agree(trainer: Any, probe: MicroProbe) -> MicroProbe:
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     oom_any, seconds, peak = t.tolist()
     return MicroProbe(probe.micro) if oom_any else MicroProbe(probe.micro, seconds, int(peak))
+
+
+def _same_everywhere(trainer: Any, value: int) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return True
+    t = torch.tensor([value, -value], dtype=torch.float64, device=trainer.args.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t[0].item() == -t[1].item()
 
 
 def _sync(cuda: bool) -> None:
