@@ -76,17 +76,22 @@ def check_fp8_base(args: Mapping[str, Any], inventory: Inventory | None, profile
     if inventory is None or not inventory.gpus:
         report.add("gpu.fp8", "--fp8-base needs GPUs with float8 matmuls (compute capability 8.9+): drop it on CPU")
         return
-    weakest = min(inventory.gpus, key=lambda g: g.compute_capability)
-    cc = weakest.compute_capability
+    weakest, cc = _weakest(inventory)
     if cc < (8, 9):
         report.add(
             "gpu.fp8",
-            f"--fp8-base needs compute capability 8.9 or newer (Ada, Hopper) but {weakest.name} is "
+            f"--fp8-base needs compute capability 8.9 or newer (Ada, Hopper) but {weakest} is "
             f"{cc[0]}.{cc[1]}: drop --fp8-base on these GPUs",
         )
     why = _fp8_base_conflict(args, profile)
     if why:
         report.add("config.fp8_base", f"--fp8-base {why}")
+
+
+def _weakest(inv: Inventory) -> tuple[str, tuple[int, int]]:
+    """The name and compute capability of the oldest card: what every feature check is judged by."""
+    gpu = min(inv.gpus, key=lambda g: g.compute_capability)
+    return gpu.name, gpu.compute_capability
 
 
 def _fp8_base_conflict(args: Mapping[str, Any], profile: bool) -> str | None:
@@ -147,8 +152,7 @@ def check_gpus(inv: Inventory, nproc: int, args: Mapping[str, Any], report: Repo
 
 
 def _check_precision(inv: Inventory, args: Mapping[str, Any], report: Report) -> None:
-    cc = min(g.compute_capability for g in inv.gpus)
-    weakest = min(inv.gpus, key=lambda g: g.compute_capability).name
+    weakest, cc = _weakest(inv)
     ccs = f"{cc[0]}.{cc[1]}"
     if args.get("bf16") is True or args.get("pure_bf16") is True:
         if cc < (8, 0):
@@ -170,8 +174,7 @@ def _check_precision(inv: Inventory, args: Mapping[str, Any], report: Report) ->
 
 def _check_features(inv: Inventory, args: Mapping[str, Any], report: Report) -> None:
     """Attention kernels, FP8 and the driver against what torch was built for."""
-    cc = min(g.compute_capability for g in inv.gpus)
-    weakest = min(inv.gpus, key=lambda g: g.compute_capability).name
+    weakest, cc = _weakest(inv)
     ccs = f"{cc[0]}.{cc[1]}"
     attn = str(args.get("flash_attn", "auto"))
     if attn == "fa2" and cc < (8, 0):

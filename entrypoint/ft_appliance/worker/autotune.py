@@ -145,28 +145,26 @@ def _optimizer_state_to_come(trainer: Any) -> int:
 
 def _agree(trainer: Any, probe: MicroProbe) -> MicroProbe:
     """Every rank takes the same decision: the slowest time, the highest peak, out of memory anywhere."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return probe
-    oom = probe.seconds_per_token is None
-    t = torch.tensor([float(oom), probe.seconds_per_token or 0.0, float(probe.peak or 0)], dtype=torch.float64)
-    t = t.to(trainer.args.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    oom_any, seconds, peak = t.tolist()
+    oom = float(probe.seconds_per_token is None)
+    oom_any, seconds, peak = _max_over_ranks(trainer, [oom, probe.seconds_per_token or 0.0, float(probe.peak or 0)])
     return MicroProbe(probe.micro) if oom_any else MicroProbe(probe.micro, seconds, int(peak))
 
 
 def _same_everywhere(trainer: Any, value: int) -> bool:
+    high, minus_low = _max_over_ranks(trainer, [float(value), float(-value)])
+    return high == -minus_low
+
+
+def _max_over_ranks(trainer: Any, values: list[float]) -> list[float]:
+    """Each value's maximum over the ranks (the values themselves in a single process)."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return True
-    t = torch.tensor([value, -value], dtype=torch.float64, device=trainer.args.device)
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=trainer.args.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return t[0].item() == -t[1].item()
+    return t.tolist()
 
 
 def _sync(cuda: bool) -> None:
