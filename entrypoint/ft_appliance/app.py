@@ -214,6 +214,19 @@ def maybe_autotune(plan: Plan, inventory: Any, opts: RunOptions, echo: Echo) -> 
     return replace(plan, autotune=request)
 
 
+def saves_policy(plan: Plan, opts: RunOptions, echo: Echo) -> Plan:
+    """Full fine-tuning's checkpoints go to the background unless --sync-saves (policy/saves.py)."""
+    from .policy.saves import why_not_background
+
+    why_not = "--sync-saves" if opts.sync_saves else why_not_background(plan.args)
+    if why_not is None:
+        echo("[ft] saves: weights and optimizer copied to host memory in the step, written to disk in the background")
+        return replace(plan, background_saves=True)
+    if not opts.sync_saves and plan.args.get("finetuning_type", "lora") != "lora":
+        echo(f"[ft] saves: written in the step ({why_not})")
+    return plan
+
+
 def train(plan: Plan, inventory: Any, opts: RunOptions, shutdown: Shutdown, echo: Echo) -> RunResult:
     """A finished run is reported before anything else runs; then preflight, ownership, supervision."""
     from .state import lock
@@ -256,6 +269,7 @@ def lead(
     t = plan.topology
     if not t.multi_node:
         plan = maybe_autotune(plan, inventory, opts, echo)
+    plan = saves_policy(plan, opts, echo)
     shutdown.check()
     job = None
     if t.multi_node:  # every node must have joined before the first launch

@@ -68,6 +68,7 @@ class RunOptions(PreflightOptions):
     startup_timeout: float = 3600.0
     no_spare: bool = False
     no_autotune: bool = False
+    sync_saves: bool = False
     metrics_port: int | None = None
     verbose: bool = False
     control_port: int | None = None
@@ -265,6 +266,12 @@ SUPERVISION = [
         is_flag=True,
         envvar="FT_NO_AUTOTUNE",
         help="Do not time larger micro-batches at the first step (GPU runs with the profile only).",
+    ),
+    _opt(
+        "--sync-saves",
+        is_flag=True,
+        envvar="FT_SYNC_SAVES",
+        help="Write full fine-tuning checkpoints in the step instead of from host copies in the background.",
     ),
     _opt(
         "--metrics-port",

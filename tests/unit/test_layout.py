@@ -51,9 +51,12 @@ FORBIDDEN = {
     "tools": {"app", "cli", "cli_options"},
 }
 # Leaves that a package above may still use: the records are the typed definition of what crosses a
-# process boundary (the plan carries one to the run file), and autotune's decisions are pure, taken by
-# the workers where the measurements are.
-SHARED_LEAVES = {"config": {"ft_appliance.state.records"}, "worker": {"ft_appliance.policy.autotune"}}
+# process boundary (the plan carries one to the run file), and autotune's and the background saves'
+# decisions are pure, taken by the workers where the measurements (timings, free host memory) are.
+SHARED_LEAVES = {
+    "config": {"ft_appliance.state.records"},
+    "worker": {"ft_appliance.policy.autotune", "ft_appliance.policy.saves"},
+}
 
 
 def module_name(path: Path) -> str:

@@ -75,6 +75,8 @@ class Plan:
     """Changes the worker makes to the loaded model (profile.Profile.tweaks), each explained in notes."""
     autotune: AutotuneRequest | None = None
     """Set on GPUs with the profile: the workers choose the micro-batch (worker/autotune.py)."""
+    background_saves: bool = False
+    """Checkpoints written by a thread from host copies (policy/saves.py decides, worker/saves.py does it)."""
 
 
 def read_yaml(path: Path) -> dict[str, Any]:

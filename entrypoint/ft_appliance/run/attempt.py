@@ -174,7 +174,7 @@ class Attempt:
         run_file = self.sd.run_file(self.number)
         run = RunFile(
             args, str(self.sd.root), self.number, list(self.plan.tweaks), int(keep) if keep else None,
-            self.job.token if self.job else None, self.plan.autotune,
+            self.job.token if self.job else None, self.plan.autotune, self.plan.background_saves,
         )  # fmt: skip
         write_record(run_file, run)
         self.status.attempt = self.number

@@ -203,6 +203,8 @@ class RunFile(Record):
     job: str | None = None
     """The job token of a multi-node run (JobRecord): the other nodes launch only run files of their job."""
     autotune: AutotuneRequest | None = None
+    background_saves: bool = False
+    """Checkpoints' weights and optimizer written by a thread from host copies (worker/saves.py)."""
 
     @property
     def resume_from(self) -> str | None:

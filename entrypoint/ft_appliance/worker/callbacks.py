@@ -2,7 +2,8 @@
 
 - StepCallback: real-token count, the per-step stop vote, step and log records, train_begin.
 - BeatCallback: tells the beat thread what rank 0 is busy with between steps (evaluate, save).
-- MarkerCallback: after every rank saved, the completion marker; the stop checkpoint's record.
+- MarkerCallback: after every rank saved (and a background write ended), the completion marker;
+  the stop checkpoint's record.
 - TweaksCallback: the profile's changes to the loaded model (no LlamaFactory key exists for them).
 - TraceCallback: FT_TRACE_STEPS, torch.profiler over a few steps for benchmarks/.
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -170,14 +172,16 @@ class MarkerCallback(TrainerCallback):
         dist = _dist()
         if dist is not None:
             dist.barrier()  # every rank has finished writing its part once all pass here
+        saver = self.ctx.saver
         if self.ctx.rank == 0 and ckpt.is_dir():
-            self.last_size = checkpoints.write_marker(ckpt, step=state.global_step, world_size=args.world_size)
-            self.ctx.event("save", step=state.global_step, seconds=round(time.monotonic() - self.save_started, 3))
-            if self.ctx.keep_checkpoints:
-                gone = checkpoints.rotate(Path(args.output_dir), self.ctx.keep_checkpoints, state.best_model_checkpoint)
-                if gone:
-                    self.ctx.event("rotate", step=state.global_step, deleted=gone)
+            mark = self._marking(args, ckpt, state.global_step, state.best_model_checkpoint)
+            if saver is not None and saver.jobs:
+                saver.start(mark)  # the weights and the optimizer are still being written
+            else:
+                mark()
         if self.ctx.stopping:
+            if saver is not None:
+                saver.wait()
             if self.ctx.rank == 0:
                 write_record(
                     self.ctx.sd.stopped, StopRecord(self.ctx.attempt, state.global_step, str(ckpt), time.time())
@@ -186,6 +190,26 @@ class MarkerCallback(TrainerCallback):
                 dist.barrier()
             raise StopRequested(f"stopped after saving {ckpt}")
         return control
+
+    def _marking(self, args: Any, ckpt: Path, step: int, best: str | None) -> Callable[[], None]:
+        """The marker, the save event and the rotation, for now or for the background writer's end.
+        Everything it needs is taken now: by the time a background write ends, training has moved on."""
+        started, stalled = self.save_started, time.monotonic() - self.save_started
+
+        def mark() -> None:
+            self.last_size = checkpoints.write_marker(ckpt, step=step, world_size=args.world_size)
+            seconds = round(time.monotonic() - started, 3)
+            self.ctx.event("save", step=step, seconds=seconds, stalled=min(seconds, round(stalled, 3)))
+            if self.ctx.keep_checkpoints:
+                gone = checkpoints.rotate(Path(args.output_dir), self.ctx.keep_checkpoints, best)
+                if gone:
+                    self.ctx.event("rotate", step=step, deleted=gone)
+
+        return mark
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self.ctx.saver is not None:
+            self.ctx.saver.wait()  # the last checkpoint is marked before LlamaFactory's final save
 
 
 class TweaksCallback(TrainerCallback):
@@ -210,7 +234,7 @@ class TraceCallback(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
         self.trace.maybe_start(state.global_step)
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+    def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
         self.trace.maybe_stop(state.global_step)
 
 

@@ -38,6 +38,8 @@ class WorkerContext:
     trained: bool = False
     """This attempt finished a step: a failure from now on is a training failure, not a setup one."""
     tokens: TokenCount = field(default_factory=TokenCount)
+    saver: Any = None
+    """worker/saves.BackgroundSaver when this run's checkpoints are written in the background."""
 
     def event(self, name: str, **data: Any) -> None:
         if self.rank == 0:

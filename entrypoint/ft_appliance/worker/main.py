@@ -160,17 +160,31 @@ def _train(ctx: WorkerContext, run: RunFile, started: float, spare: bool) -> int
             from . import autotune
 
             autotune.install(autotune.Regrouper(run.autotune, ctx))
+        if run.background_saves:
+            ctx.saver = _background_saves(ctx.rank)
         run_exp(args=dict(run.args), callbacks=build_callbacks(ctx))
+        if ctx.saver is not None:
+            ctx.saver.wait()
     except StopRequested as exc:
         print(f"[ft-appliance worker rank {ctx.rank}] {exc}", flush=True)
         return _stopped_early(ctx)
     except BaseException as exc:  # recorded for the supervisor's retry decision, then re-raised
+        if ctx.saver is not None:
+            ctx.saver.settle()
         write_failure(ctx.sd, run.attempt, exc, "train" if ctx.trained else "setup")
         raise
     ctx.beat.enter("done")
     if ctx.rank == 0:
         write_record(ctx.sd.completed, Completion(run.attempt, time.time()))
     return 0
+
+
+def _background_saves(rank: int) -> Any:
+    from . import saves
+
+    saver = saves.BackgroundSaver(lambda line: print(f"[ft-appliance worker rank {rank}] {line}", flush=True))
+    saves.install(saver)
+    return saver
 
 
 def exit_now(code: int) -> None:

@@ -1,0 +1,210 @@
+"""Checkpoints written in the background (policy/saves.py says for which runs).
+
+Trainer._save_checkpoint runs as it always does, except for its two large writes, the model's weights
+and the optimizer's state. Each tensor is copied into a host buffer (pinned on GPUs, and reused from
+one save to the next). The step waits only for that copy. A thread then writes the files from the
+copies while training goes on.
+
+trainer_state.json is what the Trainer's resume and the appliance's content check read as "the save
+finished", so it is kept under another name until the thread is done. Then the thread calls the
+marker callback, which makes every file durable before the marker is written.
+
+A write that fails raises in the training thread at the next save, at the end of training, or at a
+stop. A crash during a write leaves an unmarked checkpoint, which the next attempt sets aside.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..policy.saves import host_copy_fits
+
+PENDING_SUFFIX = ".ft-pending"
+Job = Callable[[], None]
+
+
+def available_host_bytes() -> int:
+    """MemAvailable, or less under a cgroup (a container's --memory) limit: pinned pages count there."""
+    import psutil
+
+    free = int(psutil.virtual_memory().available)
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return free
+    return free if limit == "max" else min(free, int(limit) - used)
+
+
+class BackgroundSaver:
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.buffers: dict[tuple[Any, ...], Any] = {}
+        """Host copies by tree path, reused while the tensor's shape and dtype stay the same."""
+        self.jobs: list[Job] = []
+        self.deferring = False
+        self.off: str | None = None
+        """Why this run's saves are written in the step after all (the copy would not fit)."""
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.held: Path | None = None
+
+    def begin(self, state_bytes: int) -> None:
+        """Called by each checkpoint save before it writes: defer its writes when the copy fits."""
+        self.wait()  # the previous checkpoint is marked before this one starts
+        if self.off is None and not self.buffers and not host_copy_fits(state_bytes, available_host_bytes()):
+            self.off = f"the training state ({state_bytes / 2**30:.1f} GiB) would take over half the free host memory"
+            self.say(f"background saves off: {self.off}; checkpoints are written in the step")
+        self.deferring = self.off is None
+
+    def copy(self, name: str, tree: Any) -> Any:
+        """The tree with every tensor replaced by its host copy; the step waits for the copies only."""
+        import torch
+
+        memo: dict[tuple[Any, ...], Any] = {}
+        out = self._copy(tree, (name,), memo)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return out
+
+    def _copy(self, node: Any, path: tuple[Any, ...], memo: dict[tuple[Any, ...], Any]) -> Any:
+        import torch
+
+        if isinstance(node, torch.Tensor):
+            # Tied weights stay tied: save_pretrained finds them by their shared storage.
+            alias = (node.data_ptr(), node.shape, node.stride(), node.dtype)
+            if alias not in memo:
+                memo[alias] = self._buffer(path, node)
+                memo[alias].copy_(node.detach(), non_blocking=True)
+            return memo[alias]
+        if isinstance(node, dict):
+            return {k: self._copy(v, (*path, k), memo) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return type(node)(self._copy(v, (*path, i), memo) for i, v in enumerate(node))
+        return copy.deepcopy(node)
+
+    def _buffer(self, path: tuple[Any, ...], like: Any) -> Any:
+        import torch
+
+        buf = self.buffers.get(path)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
+            pin = torch.cuda.is_available()
+            buf = torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=pin)
+            self.buffers[path] = buf
+        return buf
+
+    def hold(self, trainer_state: Path) -> None:
+        """Hide trainer_state.json until the weights are written (the thread puts it back)."""
+        if trainer_state.is_file():
+            trainer_state.rename(trainer_state.with_name(trainer_state.name + PENDING_SUFFIX))
+            self.held = trainer_state
+
+    def start(self, then: Job) -> None:
+        """Write the deferred files in a thread, put trainer_state.json back, then call `then`."""
+        jobs, self.jobs, held, self.held = self.jobs, [], self.held, None
+
+        def run() -> None:
+            try:
+                for job in jobs:
+                    job()
+                if held is not None:
+                    held.with_name(held.name + PENDING_SUFFIX).rename(held)
+                then()
+            except BaseException as exc:  # raised in the training thread by wait()
+                self.error = exc
+
+        self.thread = threading.Thread(target=run, name="ft-background-save", daemon=True)
+        self.thread.start()
+
+    def wait(self) -> None:
+        """Block until the background write is done; re-raise its error here."""
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def settle(self) -> None:
+        """Let a write under way finish (a failing attempt's last checkpoint may still complete)."""
+        try:
+            self.wait()
+        except BaseException as exc:  # the attempt is failing already; its own error is the one to report
+            self.say(f"background save failed too: {type(exc).__name__}: {exc}")
+
+
+def state_bytes(trainer: Any) -> int:
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+    trees = [trainer.model.state_dict(), getattr(trainer.optimizer, "state", {})]
+    stack: list[Any] = list(trees)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, torch.Tensor):
+            if node.data_ptr() not in seen:
+                seen.add(node.data_ptr())
+                total += node.numel() * node.element_size()
+        elif isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return total
+
+
+def install(saver: BackgroundSaver) -> None:
+    """Defer the Trainer's model and optimizer writes while a checkpoint is being saved."""
+    from transformers import Trainer
+
+    if getattr(Trainer, "_ft_saver", None) is not None:
+        Trainer._ft_saver = saver
+        return
+    Trainer._ft_saver = saver
+    save_checkpoint, save_model, save_optimizer = (
+        Trainer._save_checkpoint, Trainer._save, Trainer._save_optimizer_and_scheduler,
+    )  # fmt: skip
+
+    def _save_checkpoint(self: Any, model: Any, trial: Any) -> None:
+        saver = Trainer._ft_saver
+        saver.begin(state_bytes(self) if self.args.should_save else 0)
+        try:
+            save_checkpoint(self, model, trial)
+        finally:
+            saver.deferring = False
+        if saver.jobs:
+            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
+            saver.hold(folder / "trainer_state.json")
+
+    def _save(self: Any, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        saver = Trainer._ft_saver
+        if not saver.deferring:
+            return save_model(self, output_dir, state_dict)
+        host = saver.copy("model", state_dict if state_dict is not None else self.model.state_dict())
+        saver.jobs.append(lambda: save_model(self, output_dir, dict(host)))  # save_pretrained pops keys
+
+    def _save_optimizer_and_scheduler(self: Any, output_dir: str) -> None:
+        saver = Trainer._ft_saver
+        plain = not (self.is_deepspeed_enabled or self.is_fsdp_enabled) and self.args.should_save
+        if not (saver.deferring and plain):
+            return save_optimizer(self, output_dir)
+        optimizer = saver.copy("optimizer", self.optimizer.state_dict())
+        scheduler = copy.deepcopy(self.lr_scheduler.state_dict())
+        saver.jobs.append(lambda: _write_optimizer(output_dir, optimizer, scheduler))
+
+    Trainer._save_checkpoint = _save_checkpoint
+    Trainer._save = _save
+    Trainer._save_optimizer_and_scheduler = _save_optimizer_and_scheduler
+
+
+def _write_optimizer(output_dir: str, optimizer: Any, scheduler: Any) -> None:
+    import torch
+
+    # The names and the pickles the Trainer writes and reads back (trainer.py OPTIMIZER_NAME, SCHEDULER_NAME).
+    torch.save(optimizer, os.path.join(output_dir, "optimizer.pt"))
+    torch.save(scheduler, os.path.join(output_dir, "scheduler.pt"))

@@ -1,0 +1,95 @@
+"""The background saver (worker/saves.py) on real tensors, real files and its real thread: host copies
+are the state at the copy, tied tensors stay tied, buffers are reused, a checkpoint being written is
+never judged complete, and a failed write raises in the training thread."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from ft_appliance.state import checkpoints
+from ft_appliance.state.layout import MARKER
+from ft_appliance.worker.saves import PENDING_SUFFIX, BackgroundSaver
+from safetensors.torch import save_file
+
+
+def test_copies_are_the_state_at_the_copy_tied_stay_tied_and_buffers_are_reused() -> None:
+    saver = BackgroundSaver(print)
+    w = torch.arange(6.0).reshape(2, 3)
+    tree = {"embed": w, "head": w, "step": torch.tensor(3), "groups": [{"lr": 0.1, "params": [0, 1]}]}
+    first = saver.copy("model", tree)
+    w.add_(100)  # training moves on
+    assert torch.equal(first["embed"], torch.arange(6.0).reshape(2, 3)) and first["step"].item() == 3
+    assert first["embed"] is first["head"]  # save_pretrained finds ties by storage
+    assert first["groups"] == tree["groups"] and first["groups"] is not tree["groups"]
+    second = saver.copy("model", tree)
+    assert second["embed"] is first["embed"] and torch.equal(second["embed"], w)  # same buffer, new values
+
+
+def _checkpoint(tmp_path: Path) -> Path:
+    ckpt = tmp_path / "checkpoint-4"
+    ckpt.mkdir()
+    (ckpt / "trainer_state.json").write_text('{"global_step": 4}')
+    torch.save({"x": torch.zeros(2)}, ckpt / "rng_state_0.pth")
+    return ckpt
+
+
+def test_a_checkpoint_being_written_is_not_complete_until_its_marker(tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path)
+    saver = BackgroundSaver(print)
+    release = threading.Event()
+    weights = saver.copy("model", {"w": torch.ones(64, 64)})
+
+    def write() -> None:
+        release.wait(10)
+        save_file(weights, str(ckpt / "model.safetensors"))
+
+    saver.jobs.append(write)
+    saver.hold(ckpt / "trainer_state.json")
+    saver.start(lambda: checkpoints.write_marker(ckpt, step=4, world_size=1))
+    complete, reason, _ = checkpoints.judge(ckpt)
+    assert not complete and "trainer_state.json" in reason  # what a crash now would leave: set aside
+    assert (ckpt / f"trainer_state.json{PENDING_SUFFIX}").exists()
+    release.set()
+    saver.wait()
+    assert checkpoints.judge(ckpt) == (True, "", True)
+    assert (ckpt / "trainer_state.json").exists()
+
+
+def test_a_failed_write_raises_at_the_next_wait_and_leaves_no_marker(tmp_path: Path) -> None:
+    ckpt = _checkpoint(tmp_path)
+    saver = BackgroundSaver(print)
+
+    def full() -> None:
+        raise OSError(28, "No space left on device")
+
+    saver.jobs.append(full)
+    saver.hold(ckpt / "trainer_state.json")
+    saver.start(lambda: checkpoints.write_marker(ckpt, step=4, world_size=1))
+    with pytest.raises(OSError, match="No space left"):
+        saver.wait()
+    assert not (ckpt / MARKER).exists() and not checkpoints.judge(ckpt)[0]
+    saver.wait()  # raised once
+
+
+def test_settle_reports_a_failed_write_instead_of_raising(tmp_path: Path) -> None:
+    said: list[str] = []
+    saver = BackgroundSaver(said.append)
+    saver.jobs.append(lambda: (_ for _ in ()).throw(OSError(5, "Input/output error")))
+    saver.start(lambda: None)
+    saver.settle()
+    assert said == ["background save failed too: OSError: [Errno 5] Input/output error"]
+
+
+def test_begin_turns_background_saves_off_when_the_copy_would_not_fit() -> None:
+    said: list[str] = []
+    saver = BackgroundSaver(said.append)
+    saver.begin(2**60)
+    assert not saver.deferring and saver.off and said[0].startswith("background saves off: the training state")
+    saver.begin(1)  # off for the rest of the run, said once
+    assert not saver.deferring and len(said) == 1
+    on = BackgroundSaver(said.append)
+    on.begin(1)
+    assert on.deferring
