@@ -49,6 +49,22 @@ LLAMA_8B = dict(
     },
 )
 
+# Full fine-tuning's model: the Llama architecture at Qwen2.5-1.5B's sizes (1.8B with an untied head),
+# trained in fp32 master weights: 21 GB of checkpoint with its AdamW state.
+LLAMA_1B5 = dict(
+    LLAMA_8B,
+    hidden_size=1536,
+    num_hidden_layers=28,
+    num_attention_heads=12,
+    num_key_value_heads=2,
+    intermediate_size=8960,
+    vocab_size=151936,
+)
+MODELS = {"llama-8b-random": LLAMA_8B, "llama-1.5b-random": LLAMA_1B5}
+FULL = {"model": "llama-1.5b-random", "finetuning_type": "full", "lora_rank": None, "lora_target": None,
+        "save_steps": 5, "learning_rate": 1.0e-5}  # fmt: skip
+DS_Z2 = str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "ds_z2_config.json")
+
 # Each case: (runner, overrides, appliance flags). "lf-cli" runs llamafactory-cli itself.
 CASES: dict[str, tuple[str, dict, list[str]]] = {
     "lf-cli": ("lf", {}, []),
@@ -73,33 +89,48 @@ CASES: dict[str, tuple[str, dict, list[str]]] = {
     "fp8": ("ft", {}, ["--fp8-base"]),
     # QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (the GPU image carries it), the profile on.
     "qlora": ("ft", {"quantization_bit": 4, "quantization_method": "bnb", "double_quantization": True}, []),
+    # Full fine-tuning of the 1.8B model: checkpoints written in the background (the default), in the
+    # step, and by DeepSpeed ZeRO-2 (its own checkpoint engine; the relaunch case for --kill-at).
+    "full": ("ft", FULL, []),
+    "full-sync": ("ft", FULL, ["--sync-saves"]),
+    "full-ds": ("ft", {**FULL, "deepspeed": DS_Z2}, []),
 }
 
 
-def build(work: Path, n_examples: int = 3000, tiny: bool = False) -> None:
+def _build_model(model_dir: Path, sizes: dict, texts: list[str], tiny: bool) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model_dir = work / "models" / "llama-8b-random"
-    rng = random.Random(0)
-    words = [("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))) for _ in range(5000)]
-    if tiny and not (model_dir / "config.json").exists():
-        # CPU variant: the demo's tiny Llama (hidden 64, 2 layers) under the same name.
+    if (model_dir / "config.json").exists():
+        return
+    if tiny:  # CPU variant: the demo's tiny Llama (hidden 64, 2 layers) under the same name
         from ft_appliance.tools.demo import build_model
 
-        fast = build_tokenizer([" ".join(rng.choices(words, k=200)) for _ in range(500)], model_dir)
-        build_model(model_dir, vocab_size=len(fast))
-    if not (model_dir / "config.json").exists():
-        t0 = time.time()
-        build_tokenizer([" ".join(rng.choices(words, k=200)) for _ in range(2000)], model_dir, vocab_size=8000)
-        config = LlamaConfig(**LLAMA_8B, torch_dtype="bfloat16")
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            model = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16)
-        model.save_pretrained(model_dir)
-        del model
-        torch.cuda.empty_cache()
-        print(f"model and tokenizer built in {time.time() - t0:.0f} s", flush=True)
+        build_model(model_dir, vocab_size=len(build_tokenizer(texts, model_dir)))
+        return
+    t0 = time.time()
+    build_tokenizer(texts, model_dir, vocab_size=8000)
+    config = LlamaConfig(**sizes, torch_dtype="bfloat16")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16)
+    model.save_pretrained(model_dir)
+    del model
+    torch.cuda.empty_cache()
+    print(f"{model_dir.name}: model and tokenizer built in {time.time() - t0:.0f} s", flush=True)
+
+
+def build(
+    work: Path, n_examples: int = 3000, tiny: bool = False, models: tuple[str, ...] = ("llama-8b-random",)
+) -> None:
+    rng = random.Random(0)
+    words = [("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9)))) for _ in range(5000)]
+    # The tokenizers' texts are drawn first whichever models this call builds: the dataset draws from
+    # the same generator next, and stays the one of earlier calls.
+    texts = [" ".join(rng.choices(words, k=200)) for _ in range(500 if tiny else 2000)]
+    for name in models:
+        _build_model(work / "models" / name, MODELS[name], texts, tiny)
+    model_dir = work / "models" / models[0]
     data = work / "datasets"
     data.mkdir(parents=True, exist_ok=True)
     if not (data / "synthetic.json").exists():
@@ -124,8 +155,10 @@ def build(work: Path, n_examples: int = 3000, tiny: bool = False) -> None:
 
 
 def seed_config(work: Path, name: str, steps: int, overrides: dict) -> Path:
+    overrides = dict(overrides)
+    model = overrides.pop("model", "llama-8b-random")
     cfg = {
-        "model_name_or_path": str(work / "models" / "llama-8b-random"),
+        "model_name_or_path": str(work / "models" / model),
         "stage": "sft",
         "do_train": True,
         "finetuning_type": "lora",
@@ -153,6 +186,7 @@ def seed_config(work: Path, name: str, steps: int, overrides: dict) -> Path:
         "seed": 42,
     }
     cfg.update(overrides)
+    cfg = {k: v for k, v in cfg.items() if v is not None}
     path = work / "configs" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -195,6 +229,7 @@ def run_case(
     extra: dict | None = None,
     mfu: bool = True,
     cold: bool = False,
+    trace: bool = False,
 ) -> dict:
     runner, overrides, flags = CASES[name]
     cfg = seed_config(work, name, steps, {**overrides, **(extra or {})})
@@ -206,6 +241,9 @@ def run_case(
         fresh = work / "cold" / f"{name}-{time.time_ns()}"
         env |= {"TRITON_CACHE_DIR": str(fresh / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(fresh / "inductor")}
         env["FT_CACHE_DIR"] = str(fresh / "ft")
+    if trace:  # worker/counting.StepTrace: steps 9 and 10, rank 0
+        shutil.rmtree(work / "trace" / name, ignore_errors=True)
+        env["FT_TRACE_STEPS"] = f"{work / 'trace' / name}:8:2"
     if runner == "lf":
         argv = [sys.executable, "-c", "from llamafactory.cli import main; main()", "train", str(cfg)]
     else:
@@ -257,14 +295,17 @@ def run_case(
     if steps_rec:
         last_attempt = steps_rec[-1]["attempt"]
         mine = [r for r in steps_rec if r["attempt"] == last_attempt and not r.get("first")]
-        steady = [r for r in mine if r["step"] > 5 and r["step"] % 10 != 1]  # leave out steps after a save
+        # An Event's own numbers ride in its `data` (state/records.py): read them beside its fields.
+        events = [{**e.get("data", {}), **e} for e in read_jsonl(out / ".ft" / "events.jsonl")]
+        saved = {e["step"] for e in events if e.get("event") == "save"} or set(range(10, steps + 1, 10))
+        steady = [r for r in mine if r["step"] > 5 and r["step"] - 1 not in saved]  # leave out steps after a save
         sec = sum(r["seconds"] for r in steady)
         tok = sum(r["tokens"] for r in steady)
         result.update(
             s_per_step=round(sec / len(steady), 3),
             real_tok_s=round(tok / sec),
             tokens_per_step=round(tok / len(steady)),
-            peak_reserved_gib=round(max(r.get("mem_reserved", 0) for r in steps_rec) / 2**30, 1),
+            peak_reserved_gib=round(max(r.get("mem_reserved") or 0 for r in steps_rec) / 2**30, 1),
         )
         if mfu:  # the 8B model on an H100 only: the tiny CPU model has neither N_PARAMS nor PEAK_FLOPS
             result["mfu_4n"] = round(result["real_tok_s"] * 4 * N_PARAMS / PEAK_FLOPS * 100, 1)
@@ -272,15 +313,18 @@ def run_case(
         result["launch_to_first_step_s"] = round(first["time"] - t0 - first["seconds"], 1)  # the step begins
         result["launch_to_first_step_done_s"] = round(first["time"] - t0, 1)
         result["first_step_s"] = first["seconds"]
-        # An Event's own numbers ride in its `data` (state/records.py): read them beside its fields.
-        events = [{**e.get("data", {}), **e} for e in read_jsonl(out / ".ft" / "events.jsonl")]
         result["startup"] = startup_breakdown(events, steps_rec, attempt=1)
         tuned = [e for e in events if e.get("event") == "autotune"]
         if tuned:  # the workers' decision, each size's timing and peak, and what the probes cost
             result["autotune"] = {k: tuned[0].get(k) for k in ("source", "micro", "reason", "seconds", "probes")}
         saves = [e for e in events if e.get("event") == "save"]
         if saves:
-            result["save_s"] = max(e["seconds"] for e in saves)
+            result["save_s"] = max(e["seconds"] for e in saves)  # step end -> marker
+            result["save_stall_s"] = max(e.get("stalled", e["seconds"]) for e in saves)  # step end -> training again
+            result["after_save_step_s"] = _after_save(mine, saved, result["s_per_step"])
+        split = work / "trace" / name / "breakdown.json"
+        if trace and split.exists():
+            result["breakdown"] = json.loads(split.read_text())
         if killed is not None:
             resumed = [r for r in steps_rec if r["attempt"] > 1]
             if resumed:
@@ -289,6 +333,13 @@ def run_case(
                 result["resume_startup"] = startup_breakdown(events, steps_rec, attempt=resumed[0]["attempt"])
     print(json.dumps(result), flush=True)
     return result
+
+
+def _after_save(steps_rec: list[dict], saved: set[int], steady: float) -> float | None:
+    """The mean time of a step that follows a save, beyond a steady step: what the save cost training
+    (a background write that competes for the GIL, the disk or the PCIe bus shows here)."""
+    after = [r["seconds"] for r in steps_rec if r["step"] - 1 in saved and not r.get("first")]
+    return round(sum(after) / len(after) - steady, 3) if after else None
 
 
 def startup_breakdown(events: list[dict], steps_rec: list[dict], attempt: int) -> dict:
@@ -346,6 +397,7 @@ def main() -> None:
         help="extra config override for every case (a CPU smoke test: --set bf16=false)",
     )
     ap.add_argument("--cold", action="store_true", help="each case with empty kernel and autotune caches")
+    ap.add_argument("--trace", action="store_true", help="torch.profiler over steps 9-10: where each step's time goes")
     ap.add_argument("--tiny", action="store_true", help="CPU run on the tiny demo Llama (overhead, resume time)")
     ap.add_argument(
         "--no-bytecode",
@@ -362,15 +414,17 @@ def main() -> None:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(a.workdir / "inductor"))
     if a.tiny:  # CPU: the tiny model, short examples, fp32, every core's process
         extra = {"bf16": False, "cutoff_len": 256, "preprocessing_num_workers": 2, "dataloader_num_workers": 0, **extra}
-    build(a.workdir, tiny=a.tiny)
+    models = tuple(dict.fromkeys(CASES[c][1].get("model", "llama-8b-random") for c in a.cases))
+    build(a.workdir, tiny=a.tiny, models=models)
     if not a.no_bytecode:
         seconds = compile_bytecode(a.workdir / "pycache")
         print(f"bytecode: {seconds:.1f} s to compile the stack under {a.workdir / 'pycache'}")
     out = os.environ.get("OUT")
     results = []
     for case in a.cases:
-        kill_at = a.kill_at if case.startswith("profile") else None
-        results.append(run_case(a.workdir, case, a.steps, kill_at, extra, mfu=not a.tiny, cold=a.cold))
+        kill_at = a.kill_at if case.startswith(("profile", "full")) else None
+        mfu = not a.tiny and "model" not in CASES[case][1]  # MFU (4N) is the 8B LoRA convention
+        results.append(run_case(a.workdir, case, a.steps, kill_at, extra, mfu=mfu, cold=a.cold, trace=a.trace))
         if out:  # after every case, so a run cut short still reports what it measured
             (Path(out) / "bench.json").write_text(json.dumps(results, indent=1))
     print(table(results))

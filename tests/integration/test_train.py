@@ -50,6 +50,15 @@ def test_train_two_processes_end_to_end(make_config) -> None:
     assert "loss " in res.stderr and "tok/s" in res.stderr
     table = (trace / "trace.txt").read_text()
     assert table.startswith("2 steps: wall ") and "aten::mm" in table
+    # Where the steps' CPU time went: the tiny Llama's base and LoRA (rank 8) matmuls, attention, the
+    # loss over its vocabulary and AdamW each found their category, and nothing exceeds the wall time.
+    split = json.loads((trace / "breakdown.json").read_text())
+    got = split["categories"]
+    assert split["steps"] == 2 and split["wall_ms"] > 0
+    for name in ("base GEMMs", "LoRA GEMMs", "attention", "lm head + loss", "optimizer + grad clipping"):
+        assert got[name] > 0, (name, got)
+    assert sum(got.values()) <= split["wall_ms"]
+    assert "LoRA GEMMs" in (trace / "breakdown.txt").read_text()
 
 
 def test_demo_command_builds_layout_and_trains(tmp_path: Path) -> None:

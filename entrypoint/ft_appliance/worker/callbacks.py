@@ -235,7 +235,7 @@ class TraceCallback(TrainerCallback):
         self.trace.maybe_start(state.global_step)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
-        self.trace.maybe_stop(state.global_step)
+        self.trace.maybe_stop(state.global_step, model)
 
 
 def markers_last() -> None:

@@ -3,6 +3,7 @@ FT_TRACE_STEPS profiler that benchmarks/ reads."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -48,7 +49,8 @@ class TokenCount:
 
 class StepTrace:
     """FT_TRACE_STEPS=DIR[:FIRST[:COUNT]]: torch.profiler over COUNT optimizer steps from FIRST (default
-    8 and 2) on rank 0, for benchmarks/: where a step's time goes, including time the GPU waits."""
+    8 and 2) on rank 0, for benchmarks/: where a step's time goes, including time the GPU waits.
+    Writes trace.txt (the profiler's tables) and breakdown.json/.txt (worker/breakdown.py)."""
 
     def __init__(self, out: Path, first: int, count: int) -> None:
         self.out, self.first, self.count = out, first, count
@@ -72,16 +74,17 @@ class StepTrace:
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
                 activities.append(ProfilerActivity.CUDA)
-            self.prof = profile(activities=activities)
+            self.prof = profile(activities=activities, record_shapes=True)
             self.prof.__enter__()
             self.started = time.monotonic()
 
-    def maybe_stop(self, step: int) -> None:
+    def maybe_stop(self, step: int, model: Any = None) -> None:
         if self.prof is None or step != self.first + self.count:
             return
         import torch
 
-        if torch.cuda.is_available():
+        device = torch.cuda.is_available()
+        if device:
             torch.cuda.synchronize()
         wall = time.monotonic() - self.started
         self.prof.__exit__(None, None, None)
@@ -95,4 +98,53 @@ class StepTrace:
             + "\n"
             + events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
         )
+        self._breakdown(wall * 1e6, device, model)
         self.prof = None
+
+    def _breakdown(self, wall_us: float, device: bool, model: Any) -> None:
+        from . import breakdown
+
+        rank, vocab = _lora_rank(model), int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
+        works = profiled_works(self.prof.events(), device)
+        result = breakdown.breakdown(works, wall_us, self.count, rank, vocab, device)
+        (self.out / "breakdown.json").write_text(json.dumps(result, indent=1) + "\n")
+        (self.out / "breakdown.txt").write_text(breakdown.render(result))
+
+
+def profiled_works(events: Any, device: bool) -> list[Any]:
+    """The profiler's events as breakdown.Work: every kernel with its launching op on a device, every
+    op's own time on CPU."""
+    from torch.autograd import DeviceType
+
+    from .breakdown import Work
+
+    def context(op: Any) -> tuple[tuple[tuple[int, ...], ...], tuple[str, ...]]:
+        shapes = tuple(tuple(int(d) for d in s) for s in (op.input_shapes or ()) if isinstance(s, (list, tuple)))
+        names, parent = [], op.cpu_parent
+        while parent is not None:
+            names.append(parent.name)
+            parent = parent.cpu_parent
+        return shapes, tuple(names)
+
+    cpu = {e.id: e for e in events if e.device_type == DeviceType.CPU}
+    works = []
+    for e in events:
+        if device and e.device_type == DeviceType.CUDA:
+            op = cpu.get(e.linked_correlation_id)
+            shapes, around = context(op) if op is not None else ((), ())
+            works.append(
+                Work(e.name, op.name if op else "", shapes, around, e.time_range.start, e.time_range.elapsed_us())
+            )
+        elif not device and e.device_type == DeviceType.CPU and e.self_cpu_time_total > 0:
+            shapes, around = context(e)
+            works.append(Work(e.name, e.name, shapes, around, e.time_range.start, e.self_cpu_time_total))
+    return works
+
+
+def _lora_rank(model: Any) -> int:
+    """The adapter's rank (peft's LoraLayer.r), 0 without LoRA."""
+    for module in model.modules() if model is not None else ():
+        r = getattr(module, "r", None)
+        if isinstance(r, dict) and r:
+            return int(next(iter(r.values())))
+    return 0
