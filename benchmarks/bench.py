@@ -61,8 +61,9 @@ LLAMA_1B5 = dict(
     vocab_size=151936,
 )
 MODELS = {"llama-8b-random": LLAMA_8B, "llama-1.5b-random": LLAMA_1B5}
+# A save every 50 steps: a background write (about 21 GB) must end before the next save begins.
 FULL = {"model": "llama-1.5b-random", "finetuning_type": "full", "lora_rank": None, "lora_target": None,
-        "save_steps": 5, "learning_rate": 1.0e-5}  # fmt: skip
+        "save_steps": 50, "save_total_limit": 1, "gradient_accumulation_steps": 1, "learning_rate": 1.0e-5}  # fmt: skip
 DS_Z2 = str(Path(__file__).resolve().parents[1] / "configs" / "deepspeed" / "ds_z2_config.json")
 
 # Each case: (runner, overrides, appliance flags). "lf-cli" runs llamafactory-cli itself.
@@ -319,6 +320,7 @@ def run_case(
             result["autotune"] = {k: tuned[0].get(k) for k in ("source", "micro", "reason", "seconds", "probes")}
         saves = [e for e in events if e.get("event") == "save"]
         if saves:
+            result["saves"] = [{k: e.get(k) for k in ("step", "stalled", "seconds")} for e in saves]
             result["save_s"] = max(e["seconds"] for e in saves)  # step end -> marker
             result["save_stall_s"] = max(e.get("stalled", e["seconds"]) for e in saves)  # step end -> training again
             result["after_save_step_s"] = _after_save(mine, saved, result["s_per_step"])
@@ -397,6 +399,7 @@ def main() -> None:
         help="extra config override for every case (a CPU smoke test: --set bf16=false)",
     )
     ap.add_argument("--cold", action="store_true", help="each case with empty kernel and autotune caches")
+    ap.add_argument("--clean", action="store_true", help="delete each case's output_dir after it (a small disk)")
     ap.add_argument("--trace", action="store_true", help="torch.profiler over steps 9-10: where each step's time goes")
     ap.add_argument("--tiny", action="store_true", help="CPU run on the tiny demo Llama (overhead, resume time)")
     ap.add_argument(
@@ -425,6 +428,8 @@ def main() -> None:
         kill_at = a.kill_at if case.startswith(("profile", "full")) else None
         mfu = not a.tiny and "model" not in CASES[case][1]  # MFU (4N) is the 8B LoRA convention
         results.append(run_case(a.workdir, case, a.steps, kill_at, extra, mfu=mfu, cold=a.cold, trace=a.trace))
+        if a.clean:
+            shutil.rmtree(a.workdir / "output" / case, ignore_errors=True)
         if out:  # after every case, so a run cut short still reports what it measured
             (Path(out) / "bench.json").write_text(json.dumps(results, indent=1))
     print(table(results))

@@ -154,9 +154,14 @@ class MarkerCallback(TrainerCallback):
         self.save_started = time.monotonic()
         self.last_size = 0
         """Bytes of the last checkpoint this rank marked (what the next save will roughly need)."""
+        self.prepared = False
 
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):  # noqa: ANN001
         self.save_started = time.monotonic()
+        saver = self.ctx.saver
+        if saver is not None and self.ctx.rank == 0 and not self.prepared and model is not None and optimizer:
+            self.prepared = True  # the optimizer has its state after the first step: lay out the copies now
+            saver.prepare({"model": model.state_dict(), "optimizer": optimizer.state_dict()})
         if control.should_save and self.ctx.rank == 0 and self.last_size:
             free = shutil.disk_usage(args.output_dir).free
             if free < self.last_size:  # the volume fills in the save: say so before, not after

@@ -98,7 +98,10 @@ class StepTrace:
             + "\n"
             + events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
         )
-        self._breakdown(wall * 1e6, device, model)
+        try:
+            self._breakdown(wall * 1e6, device, model)
+        except Exception as exc:  # a measurement aid: it must never end the training it measures
+            (self.out / "breakdown.txt").write_text(f"breakdown failed: {type(exc).__name__}: {exc}\n")
         self.prof = None
 
     def _breakdown(self, wall_us: float, device: bool, model: Any) -> None:
@@ -119,7 +122,7 @@ def profiled_works(events: Any, device: bool) -> list[Any]:
     from .breakdown import Work
 
     def context(op: Any) -> tuple[tuple[tuple[int, ...], ...], tuple[str, ...]]:
-        shapes = tuple(tuple(int(d) for d in s) for s in (op.input_shapes or ()) if isinstance(s, (list, tuple)))
+        shapes = tuple(_shapes(op.input_shapes or ()))
         names, parent = [], op.cpu_parent
         while parent is not None:
             names.append(parent.name)
@@ -139,6 +142,15 @@ def profiled_works(events: Any, device: bool) -> list[Any]:
             shapes, around = context(e)
             works.append(Work(e.name, e.name, shapes, around, e.time_range.start, e.self_cpu_time_total))
     return works
+
+
+def _shapes(inputs: Any) -> Any:
+    """Every tensor shape among an op's inputs; a tensor list (the foreach ops') gives each of its own."""
+    for s in inputs:
+        if isinstance(s, (list, tuple)) and all(isinstance(d, int) for d in s):
+            yield tuple(s)
+        elif isinstance(s, (list, tuple)):
+            yield from _shapes(s)
 
 
 def _lora_rank(model: Any) -> int:

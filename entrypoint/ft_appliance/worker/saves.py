@@ -16,6 +16,7 @@ stop. A crash during a write leaves an unmarked checkpoint, which the next attem
 from __future__ import annotations
 
 import copy
+import math
 import os
 import threading
 from collections.abc import Callable
@@ -53,10 +54,43 @@ class BackgroundSaver:
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
         self.held: Path | None = None
+        self.preparing: threading.Thread | None = None
+        self.arena: Any = None
+
+    def prepare(self, trees: dict[str, Any]) -> None:
+        """Lay out one host arena for the copies of these trees and allocate it in a thread, after the
+        first step (when the optimizer has its state): the first save then only copies. One
+        allocation pinned with cudaHostRegister: torch's pinned allocator rounds each tensor up to
+        a power of two and pins it in the step, 27 s for 21 GB on an H200."""
+        layout, total = _layout(trees)
+        if not host_copy_fits(total, available_host_bytes()):
+            self.off = f"the training state ({total / 2**30:.1f} GiB) would take over half the free host memory"
+            self.say(f"background saves off: {self.off}; checkpoints are written in the step")
+            return
+        self.preparing = threading.Thread(
+            target=self._allocate, args=(layout, total), name="ft-host-arena", daemon=True
+        )
+        self.preparing.start()
+
+    def _allocate(self, layout: list[tuple[tuple[Any, ...], Any, Any, int]], total: int) -> None:
+        import torch
+
+        arena = torch.empty(total, dtype=torch.uint8)
+        if torch.cuda.is_available():
+            from torch.cuda._pin_memory_utils import pin_memory
+
+            pin_memory(arena.data_ptr(), total)
+        for path, shape, dtype, offset in layout:
+            size = math.prod(shape) * dtype.itemsize
+            self.buffers[path] = arena[offset : offset + size].view(dtype).view(shape)
+        self.arena = arena
 
     def begin(self, state_bytes: int) -> None:
         """Called by each checkpoint save before it writes: defer its writes when the copy fits."""
         self.wait()  # the previous checkpoint is marked before this one starts
+        if self.preparing is not None:
+            self.preparing.join()
+            self.preparing = None
         if self.off is None and not self.buffers and not host_copy_fits(state_bytes, available_host_bytes()):
             self.off = f"the training state ({state_bytes / 2**30:.1f} GiB) would take over half the free host memory"
             self.say(f"background saves off: {self.off}; checkpoints are written in the step")
@@ -77,7 +111,7 @@ class BackgroundSaver:
 
         if isinstance(node, torch.Tensor):
             # Tied weights stay tied: save_pretrained finds them by their shared storage.
-            alias = (node.data_ptr(), node.shape, node.stride(), node.dtype)
+            alias = _alias(node)
             if alias not in memo:
                 memo[alias] = self._buffer(path, node)
                 memo[alias].copy_(node.detach(), non_blocking=True)
@@ -93,8 +127,9 @@ class BackgroundSaver:
 
         buf = self.buffers.get(path)
         if buf is None or buf.shape != like.shape or buf.dtype != like.dtype:
-            pin = torch.cuda.is_available()
-            buf = torch.empty(like.shape, dtype=like.dtype, device="cpu", pin_memory=pin)
+            # Not in the arena (a save before the first step ended, a tensor that changed): pageable
+            # memory, still copied once and reused.
+            buf = torch.empty(like.shape, dtype=like.dtype, device="cpu")
             self.buffers[path] = buf
         return buf
 
@@ -138,24 +173,43 @@ class BackgroundSaver:
             self.say(f"background save failed too: {type(exc).__name__}: {exc}")
 
 
-def state_bytes(trainer: Any) -> int:
+ALIGN = 64
+
+
+def _alias(t: Any) -> tuple[Any, ...]:
+    return (t.data_ptr(), t.shape, t.stride(), t.dtype)
+
+
+def _tensors(node: Any, path: tuple[Any, ...]) -> Any:
+    """(path, tensor) for every tensor of a tree, in the order BackgroundSaver._copy visits them."""
     import torch
 
-    seen: set[int] = set()
-    total = 0
-    trees = [trainer.model.state_dict(), getattr(trainer.optimizer, "state", {})]
-    stack: list[Any] = list(trees)
-    while stack:
-        node = stack.pop()
-        if isinstance(node, torch.Tensor):
-            if node.data_ptr() not in seen:
-                seen.add(node.data_ptr())
-                total += node.numel() * node.element_size()
-        elif isinstance(node, dict):
-            stack.extend(node.values())
-        elif isinstance(node, (list, tuple)):
-            stack.extend(node)
-    return total
+    if isinstance(node, torch.Tensor):
+        yield path, node
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield from _tensors(v, (*path, k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _tensors(v, (*path, i))
+
+
+def _layout(trees: dict[str, Any]) -> tuple[list[tuple[tuple[Any, ...], Any, Any, int]], int]:
+    """Each distinct tensor's (path, shape, dtype, byte offset) in one arena, and the arena's size."""
+    layout, seen, total = [], set(), 0
+    for name, tree in trees.items():
+        for path, t in _tensors(tree, (name,)):
+            if _alias(t) in seen:
+                continue
+            seen.add(_alias(t))
+            total = -(-total // ALIGN) * ALIGN
+            layout.append((path, t.shape, t.dtype, total))
+            total += t.numel() * t.element_size()
+    return layout, total
+
+
+def state_bytes(trainer: Any) -> int:
+    return _layout({"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict()})[1]
 
 
 def install(saver: BackgroundSaver) -> None:

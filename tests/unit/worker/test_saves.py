@@ -28,6 +28,21 @@ def test_copies_are_the_state_at_the_copy_tied_stay_tied_and_buffers_are_reused(
     assert second["embed"] is first["embed"] and torch.equal(second["embed"], w)  # same buffer, new values
 
 
+def test_prepare_lays_every_distinct_tensor_out_in_one_arena_that_the_copies_use() -> None:
+    saver = BackgroundSaver(print)
+    w, m = torch.ones(3, 5), torch.zeros(7, dtype=torch.bfloat16)
+    model = {"embed": w, "head": w, "norm": torch.ones(4)}
+    optimizer = {"state": {0: {"step": torch.tensor(2.0), "exp_avg": m}}, "param_groups": [{"lr": 1e-5}]}
+    saver.prepare({"model": model, "optimizer": optimizer})
+    saver.begin(0)  # waits for the arena
+    base, end = saver.arena.data_ptr(), saver.arena.data_ptr() + saver.arena.numel()
+    host = saver.copy("model", model), saver.copy("optimizer", optimizer)
+    copies = [host[0]["embed"], host[0]["norm"], host[1]["state"][0]["step"], host[1]["state"][0]["exp_avg"]]
+    assert all(base <= t.data_ptr() < end for t in copies) and host[0]["head"] is host[0]["embed"]
+    assert saver.arena.numel() == 192 + 14  # embed (tied, once) 60 B, norm at 64, step at 128, exp_avg at 192
+    assert host[1]["state"][0]["step"].item() == 2.0 and host[1]["state"][0]["exp_avg"].dtype == torch.bfloat16
+
+
 def _checkpoint(tmp_path: Path) -> Path:
     ckpt = tmp_path / "checkpoint-4"
     ckpt.mkdir()
