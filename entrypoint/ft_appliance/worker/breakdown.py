@@ -46,6 +46,7 @@ class Work:
     ancestors: tuple[str, ...]
     """The names of the ops and ranges around `op`, innermost first."""
     start_us: float
+    """Its start on CPU; 0 for a kernel (the device's intervals are given apart)."""
     dur_us: float
 
 
@@ -81,17 +82,20 @@ def union_us(intervals: Iterable[tuple[float, float]]) -> float:
     return total
 
 
-def breakdown(works: Sequence[Work], wall_us: float, steps: int, rank: int, vocab: int, device: bool) -> dict:
-    """Milliseconds per step in each category; on a device also the busy time and the host gaps."""
+def breakdown(
+    works: Sequence[Work], wall_us: float, steps: int, rank: int, vocab: int, busy: Sequence[tuple[float, float]] | None
+) -> dict:
+    """Milliseconds per step in each category; on a device (busy: the kernels' intervals) also the
+    time any kernel ran and the host gaps."""
     per = {c: 0.0 for c in CATEGORIES}
     for w in works:
         per[category(w, rank, vocab)] += w.dur_us
     out = {c: round(v / steps / 1000, 2) for c, v in per.items()}
     result = {"steps": steps, "wall_ms": round(wall_us / steps / 1000, 2), "categories": out}
-    if device:
-        busy = union_us((w.start_us, w.start_us + w.dur_us) for w in works)
-        result["busy_ms"] = round(busy / steps / 1000, 2)
-        result["categories"][HOST_GAPS] = round(max(0.0, wall_us - busy) / steps / 1000, 2)
+    if busy is not None:
+        covered = union_us(busy)
+        result["busy_ms"] = round(covered / steps / 1000, 2)
+        result["categories"][HOST_GAPS] = round(max(0.0, wall_us - covered) / steps / 1000, 2)
     return result
 
 

@@ -108,40 +108,39 @@ class StepTrace:
         from . import breakdown
 
         rank, vocab = _lora_rank(model), int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
-        works = profiled_works(self.prof.events(), device)
-        result = breakdown.breakdown(works, wall_us, self.count, rank, vocab, device)
+        works, busy = profiled_works(self.prof.events(), device)
+        result = breakdown.breakdown(works, wall_us, self.count, rank, vocab, busy if device else None)
         (self.out / "breakdown.json").write_text(json.dumps(result, indent=1) + "\n")
         (self.out / "breakdown.txt").write_text(breakdown.render(result))
 
 
-def profiled_works(events: Any, device: bool) -> list[Any]:
-    """The profiler's events as breakdown.Work: every kernel with its launching op on a device, every
-    op's own time on CPU."""
+def profiled_works(events: Any, device: bool) -> tuple[list[Any], list[tuple[float, float]]]:
+    """The profiler's events as breakdown.Work, and the device's busy intervals. On a device each
+    kernel comes with the PyTorch op it was attached to (FunctionEvent.kernels, in every torch
+    version); on CPU each op comes with its own time."""
     from torch.autograd import DeviceType
 
     from .breakdown import Work
 
-    def context(op: Any) -> tuple[tuple[tuple[int, ...], ...], tuple[str, ...]]:
-        shapes = tuple(_shapes(op.input_shapes or ()))
-        names, parent = [], op.cpu_parent
-        while parent is not None:
-            names.append(parent.name)
-            parent = parent.cpu_parent
-        return shapes, tuple(names)
-
-    cpu = {e.id: e for e in events if e.device_type == DeviceType.CPU}
-    works = []
+    works, busy = [], []
     for e in events:
-        if device and e.device_type == DeviceType.CUDA:
-            op = cpu.get(e.linked_correlation_id)
-            shapes, around = context(op) if op is not None else ((), ())
-            works.append(
-                Work(e.name, op.name if op else "", shapes, around, e.time_range.start, e.time_range.elapsed_us())
-            )
-        elif not device and e.device_type == DeviceType.CPU and e.self_cpu_time_total > 0:
-            shapes, around = context(e)
+        if e.device_type != DeviceType.CPU:
+            busy.append((e.time_range.start, e.time_range.end))
+            continue
+        shapes, around = tuple(_shapes(e.input_shapes or ())), _ancestors(e)
+        if device:
+            works.extend(Work(k.name, e.name, shapes, around, 0.0, k.duration) for k in e.kernels)
+        elif e.self_cpu_time_total > 0:
             works.append(Work(e.name, e.name, shapes, around, e.time_range.start, e.self_cpu_time_total))
-    return works
+    return works, busy
+
+
+def _ancestors(op: Any) -> tuple[str, ...]:
+    names, parent = [], op.cpu_parent
+    while parent is not None:
+        names.append(parent.name)
+        parent = parent.cpu_parent
+    return tuple(names)
 
 
 def _shapes(inputs: Any) -> Any:

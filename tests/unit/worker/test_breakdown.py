@@ -78,11 +78,12 @@ def test_union(intervals: list, covered: float) -> None:
 
 def test_breakdown_per_step_with_host_gaps_on_a_device() -> None:
     works = [
-        work("nvjet", "aten::mm", ((TOKENS, H), (H, H)), start=0, dur=6000),
-        work("nccl", "c10d::allreduce_", start=2000, dur=6000),  # overlaps the GEMM on another stream
-        work("nvjet", "aten::mm", ((TOKENS, H), (H, R)), start=10000, dur=2000),
+        work("nvjet", "aten::mm", ((TOKENS, H), (H, H)), dur=6000),
+        work("nccl", "c10d::allreduce_", dur=6000),
+        work("nvjet", "aten::mm", ((TOKENS, H), (H, R)), dur=2000),
     ]
-    b = breakdown(works, wall_us=16000, steps=2, rank=R, vocab=V, device=True)
+    busy = [(0, 6000), (2000, 8000), (10000, 12000)]  # the all-reduce overlaps the GEMM on another stream
+    b = breakdown(works, wall_us=16000, steps=2, rank=R, vocab=V, busy=busy)
     assert b["wall_ms"] == 8.0 and b["busy_ms"] == 5.0
     assert b["categories"][BASE] == 3.0 and b["categories"][COMM] == 3.0 and b["categories"][LORA] == 1.0
     assert b["categories"][HOST_GAPS] == 3.0
@@ -92,5 +93,5 @@ def test_breakdown_per_step_with_host_gaps_on_a_device() -> None:
 
 
 def test_breakdown_on_cpu_has_no_host_gaps() -> None:
-    b = breakdown([work("aten::mm", "aten::mm", dur=500)], wall_us=1000, steps=1, rank=R, vocab=V, device=False)
+    b = breakdown([work("aten::mm", "aten::mm", dur=500)], wall_us=1000, steps=1, rank=R, vocab=V, busy=None)
     assert HOST_GAPS not in b["categories"] and "busy_ms" not in b
