@@ -15,11 +15,13 @@ stop. A crash during a write leaves an unmarked checkpoint, which the next attem
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +66,7 @@ class BackgroundSaver:
         a power of two and pins it in the step, 27 s for 21 GB on an H200."""
         layout, total = _layout(trees)
         if not host_copy_fits(total, available_host_bytes()):
-            self.off = f"the training state ({total / 2**30:.1f} GiB) would take over half the free host memory"
-            self.say(f"background saves off: {self.off}; checkpoints are written in the step")
+            self._turn_off(total)
             return
         self.preparing = threading.Thread(
             target=self._allocate, args=(layout, total), name="ft-host-arena", daemon=True
@@ -85,15 +86,25 @@ class BackgroundSaver:
             self.buffers[path] = arena[offset : offset + size].view(dtype).view(shape)
         self.arena = arena
 
+    def _turn_off(self, total: int) -> None:
+        self.off = f"the training state ({total / 2**30:.1f} GiB) would take over half the free host memory"
+        self.say(f"background saves off: {self.off}; checkpoints are written in the step")
+
     def begin(self, state_bytes: int) -> None:
         """Called by each checkpoint save before it writes: defer its writes when the copy fits."""
+        started, writing = time.monotonic(), self.thread is not None
         self.wait()  # the previous checkpoint is marked before this one starts
+        waited = time.monotonic() - started
+        if writing and waited >= 1.0:
+            self.say(
+                f"this save waited {waited:.0f} s for the previous checkpoint's write: saves come faster than "
+                f"the volume takes them (raise save_steps to train without the wait)"
+            )
         if self.preparing is not None:
             self.preparing.join()
             self.preparing = None
         if self.off is None and not self.buffers and not host_copy_fits(state_bytes, available_host_bytes()):
-            self.off = f"the training state ({state_bytes / 2**30:.1f} GiB) would take over half the free host memory"
-            self.say(f"background saves off: {self.off}; checkpoints are written in the step")
+            self._turn_off(state_bytes)
         self.deferring = self.off is None
 
     def copy(self, name: str, tree: Any) -> Any:
@@ -260,5 +271,26 @@ def _write_optimizer(output_dir: str, optimizer: Any, scheduler: Any) -> None:
     import torch
 
     # The names and the pickles the Trainer writes and reads back (trainer.py OPTIMIZER_NAME, SCHEDULER_NAME).
-    torch.save(optimizer, os.path.join(output_dir, "optimizer.pt"))
+    with _without_crc32():
+        torch.save(optimizer, os.path.join(output_dir, "optimizer.pt"))
     torch.save(scheduler, os.path.join(output_dir, "scheduler.pt"))
+
+
+@contextlib.contextmanager
+def _without_crc32() -> Iterator[None]:
+    """torch.save without its zip records' CRC32: the checksum is most of its serialisation time (0.53
+    against 0.18 s/GiB on the 2-core dev machine, benchmarks/save_cost.py), and the write's length decides how soon the next
+    save can come without waiting. torch.load does not check it; the marker's sizes say that a file
+    is whole. Process-wide, but no other torch.save runs meanwhile: the training thread writes only
+    between wait() and start()."""
+    import torch.serialization as ts
+
+    if not hasattr(ts, "set_crc32_options"):  # torch before 2.6
+        yield
+        return
+    before = ts.get_crc32_options()
+    ts.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        ts.set_crc32_options(before)

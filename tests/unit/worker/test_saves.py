@@ -5,6 +5,7 @@ never judged complete, and a failed write raises in the training thread."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +97,31 @@ def test_settle_reports_a_failed_write_instead_of_raising(tmp_path: Path) -> Non
     saver.start(lambda: None)
     saver.settle()
     assert said == ["background save failed too: OSError: [Errno 5] Input/output error"]
+
+
+def test_a_save_that_waits_for_the_previous_write_says_so() -> None:
+    said: list[str] = []
+    saver = BackgroundSaver(said.append)
+    saver.jobs.append(lambda: time.sleep(1.1))  # a write longer than the interval between two saves
+    saver.start(lambda: None)
+    saver.begin(0)
+    assert said and said[0].startswith("this save waited 1 s for the previous checkpoint's write")
+    assert "raise save_steps" in said[0] and saver.deferring
+
+
+def test_the_optimizer_is_written_without_crc32_and_reads_back(tmp_path: Path) -> None:
+    import zipfile
+
+    from ft_appliance.worker.saves import _write_optimizer
+
+    state = {"state": {0: {"exp_avg": torch.randn(8, 8)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    _write_optimizer(str(tmp_path), state, {"last_epoch": 3})
+    assert torch.serialization.get_crc32_options()  # put back for the rest of the process
+    back = torch.load(tmp_path / "optimizer.pt", weights_only=True)
+    assert torch.equal(back["state"][0]["exp_avg"], state["state"][0]["exp_avg"])
+    assert {i.CRC for i in zipfile.ZipFile(tmp_path / "optimizer.pt").infolist()} == {0}
+    assert checkpoints.check_zip(tmp_path / "optimizer.pt") is None
+    assert torch.load(tmp_path / "scheduler.pt", weights_only=True) == {"last_epoch": 3}
 
 
 def test_begin_turns_background_saves_off_when_the_copy_would_not_fit() -> None:
