@@ -62,8 +62,9 @@ class BackgroundSaver:
     def prepare(self, trees: dict[str, Any]) -> None:
         """Lay out one host arena for the copies of these trees and allocate it in a thread, after the
         first step (when the optimizer has its state): the first save then only copies. One
-        allocation pinned with cudaHostRegister: torch's pinned allocator rounds each tensor up to
-        a power of two and pins it in the step, 27 s for 21 GB on an H200."""
+        allocation pinned with cudaHostRegister: with torch's pinned allocator each tensor was
+        allocated and pinned in the step (27.6 s of stall at a 23 GiB save on an H200, 0.46 s
+        with the arena; docs/benchmarks.md)."""
         layout, total = _layout(trees)
         if not host_copy_fits(total, available_host_bytes()):
             self._turn_off(total)
@@ -278,11 +279,11 @@ def _write_optimizer(output_dir: str, optimizer: Any, scheduler: Any) -> None:
 
 @contextlib.contextmanager
 def _without_crc32() -> Iterator[None]:
-    """torch.save without its zip records' CRC32: the checksum is most of its serialisation time (0.53
-    against 0.18 s/GiB on the 2-core dev machine, benchmarks/save_cost.py), and the write's length decides how soon the next
-    save can come without waiting. torch.load does not check it; the marker's sizes say that a file
-    is whole. Process-wide, but no other torch.save runs meanwhile: the training thread writes only
-    between wait() and start()."""
+    """torch.save without its zip records' CRC32: the checksum is most of its serialisation time
+    (0.53 against 0.18 s/GiB on the 2-core dev machine, benchmarks/save_cost.py), and the write's
+    length decides how soon the next save can come without waiting. torch.load does not check it;
+    the marker's sizes say that a file is whole. Process-wide, but no other torch.save runs
+    meanwhile: the training thread writes only between wait() and start()."""
     import torch.serialization as ts
 
     if not hasattr(ts, "set_crc32_options"):  # torch before 2.6
