@@ -71,6 +71,7 @@ def test_workers_time_the_sizes_log_and_cache_the_decision(make_config, tmp_path
     _, again, console = _train(cfg2, cache)
     assert again[0]["source"] == "cache" and again[0]["micro"] == decision["micro"]
     assert f"autotune: micro-batch {decision['micro']} from the cache" in console
+    assert "autotune (from the cache)" not in console  # said once, by the supervisor before the launch
 
 
 @pytest.mark.parametrize("micro", [4, 1], ids=["merged", "split"])

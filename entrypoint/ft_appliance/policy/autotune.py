@@ -40,23 +40,29 @@ KEY_ARGS = (
 )
 
 
-def sizes(per: int, ga: int) -> list[int]:
+def sizes(per: int, ga: int, rows: int | None = None) -> list[int]:
     """Micro-batches the workers can train with, ascending: a divisor of the config's (split), or
-    the config's times a divisor of the accumulation (merged)."""
+    the config's times a divisor of the accumulation (merged), no larger than the dataset's rows."""
     smaller = [m for m in range(1, per) if per % m == 0]
-    return smaller + [per * k for k in range(1, ga + 1) if ga % k == 0]
+    merged = [per * k for k in range(1, ga + 1) if ga % k == 0]
+    return smaller + [m for m in merged if m == per or rows is None or m <= rows]
 
 
 def fits(probe: MicroProbe, gpu_bytes: int, target: float = TARGET) -> bool:
     return probe.seconds_per_token is not None and probe.peak is not None and probe.peak <= target * gpu_bytes
 
 
-def next_probe(done: Mapping[int, MicroProbe], per: int, ga: int, gpu_bytes: int) -> int | None:
+def next_probe(
+    done: Mapping[int, MicroProbe], per: int, ga: int, gpu_bytes: int, rows: int | None = None
+) -> int | None:
     """The next size to time, or None when the decision is made. The config's first; down while it
-    does not fit; up while each larger size fits and gains at least MIN_GAIN on the best so far."""
+    does not fit; up while each larger size fits and gains at least MIN_GAIN on the best so far.
+    Nothing when the dataset has fewer rows than one micro-batch (no batch to time)."""
+    if rows is not None and rows < per:
+        return None
     if per not in done:
         return per
-    all_sizes = sizes(per, ga)
+    all_sizes = sizes(per, ga, rows)
     if not fits(done[per], gpu_bytes):
         lower = [m for m in all_sizes if m < per]
         if any(fits(done[m], gpu_bytes) for m in lower if m in done):
@@ -83,6 +89,8 @@ def decide(done: Mapping[int, MicroProbe], per: int, gpu_bytes: int, seconds: fl
     """The size to train with and why. Nothing fits: the config's, and the run meets its own fate."""
     probes = [done[m] for m in sorted(done)]
     fitting = [m for m in sorted(done) if fits(done[m], gpu_bytes)]
+    if not done:
+        return AutotuneDecision(per, per, [], f"{per} kept: the dataset has fewer rows than one micro-batch", seconds)
     if not fitting:
         reason = f"no micro-batch fit within {TARGET:.0%} of GPU memory; the config's {per} kept"
         return AutotuneDecision(per, per, probes, reason, seconds)

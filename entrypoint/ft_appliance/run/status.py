@@ -78,7 +78,8 @@ class StatusWriter:
         self.tracker.add_logs(logs)
         events = parse_records(self._events.read_new(), Event)
         for e in events:
-            if e.event == "autotune":
+            # A decision read from the cache was printed before the launch; a measured one is news.
+            if e.event == "autotune" and e.data.get("source") != "cache":
                 self.echo(f"[ft] {autotune_line(e.data)}")
         saves = [e for e in events if e.event == "save" and "step" in e.data]
         if saves:

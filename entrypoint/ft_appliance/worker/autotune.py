@@ -94,7 +94,8 @@ def measure(trainer: Any, request: AutotuneRequest) -> AutotuneDecision:
     rng = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     done: dict[int, MicroProbe] = {}
     per, ga, card = request.per_device, request.grad_accum, request.gpu_bytes
-    while (micro := next_probe(done, per, ga, card)) is not None:
+    rows = len(trainer.train_dataset)  # packs under packing: the rows a micro-batch is made of
+    while (micro := next_probe(done, per, ga, card, rows)) is not None:
         done[micro] = _agree(trainer, _probe(trainer, micro))
     torch.set_rng_state(rng[0])
     if rng[1] is not None:

@@ -103,3 +103,35 @@ def test_describe_names_the_decision_its_cost_and_each_timing() -> None:
     assert line.startswith("autotune (measured in 6.2 s): micro-batch 8 (2 of the config's joined): 8 is 11.1%")
     assert "4: 30.00 us/token, 40.0 GiB; 8: 27.00 us/token, 70.0 GiB; 16: out of memory" in line
     assert describe(AutotuneDecision(4, 4, reason="r"), "cache") == "autotune (from the cache): micro-batch 4: r"
+
+
+@pytest.mark.parametrize(
+    ("per", "ga", "rows", "expected"),
+    [
+        (2, 4, 8, [1, 2, 4, 8]),
+        (2, 4, 5, [1, 2, 4]),
+        (2, 4, 2, [1, 2]),
+        (4, 2, 3, [1, 2, 4]),
+        (2, 4, None, [1, 2, 4, 8]),
+    ],
+)
+def test_sizes_larger_than_the_dataset_are_not_tried(per: int, ga: int, rows: int | None, expected: list[int]) -> None:
+    assert sizes(per, ga, rows) == expected
+
+
+@pytest.mark.parametrize(
+    ("done", "rows", "expected"),
+    [
+        ([], 3, None),  # fewer rows than one micro-batch: nothing to time
+        ([], 4, 4),
+        ([fit(4, 30, 40)], 7, None),  # 8 needs more rows than there are: the config's is the only size
+        ([fit(4, 30, 40)], 8, 8),
+    ],
+)
+def test_next_probe_with_few_rows(done: list[MicroProbe], rows: int, expected: int | None) -> None:
+    assert next_probe({p.micro: p for p in done}, 4, 2, CARD, rows) == expected
+
+
+def test_a_dataset_smaller_than_one_micro_batch_keeps_the_config_and_says_why() -> None:
+    d = decide({}, 4, CARD, 0.0)
+    assert (d.micro, d.per_device, d.probes) == (4, 4, []) and "fewer rows than one micro-batch" in d.reason
