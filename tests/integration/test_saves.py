@@ -5,6 +5,7 @@ an in-step save writes, resume reads them, and a stop waits for them before it r
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -73,3 +74,34 @@ def test_a_stop_waits_for_the_background_write_and_resume_reads_it(make_config, 
     assert BACKGROUND in (tmp_path / "log").read_text()
     assert f"resuming from checkpoint-{s}" in _train(cfg, f"max_steps={s + 4}")
     assert trainer_state(out)["global_step"] == s + 4
+
+
+def test_training_goes_on_during_a_write_and_a_crash_mid_write_sets_the_checkpoint_aside(
+    make_config, tmp_path: Path
+) -> None:
+    from ft_appliance.tools.procs import worker_ranks
+
+    cfg = make_config("mid-write", max_steps=80, save_steps=20, **FULL)
+    out = _out(cfg)
+    sup = start_cli("train", str(cfg), *FAST, log=tmp_path / "log")
+    wait_for(lambda: (out / "checkpoint-20" / MARKER).exists(), 180, what="checkpoint-20")
+    # checkpoint-40's optimizer state goes to a named pipe nobody reads: its background write blocks
+    # in open(), as on a volume that stopped answering (torch.save opens the path itself).
+    assert last_step(out) < 35
+    (out / "checkpoint-40").mkdir()
+    os.mkfifo(out / "checkpoint-40" / "optimizer.pt")
+    wait_for(lambda: last_step(out) >= 45, 180, what="step 45, past the save at 40")  # training went on
+    ckpt = out / "checkpoint-40"
+    assert not (ckpt / MARKER).exists() and (ckpt / "trainer_state.json.ft-pending").exists()
+    assert not (ckpt / "trainer_state.json").exists()  # what the resume's content check reads
+
+    worker_ranks(out, 1)[-1].send_signal(signal.SIGKILL)  # a crash while the write hangs
+    assert sup.wait(300) == 0, (tmp_path / "log").read_text()[-3000:]
+    log = (tmp_path / "log").read_text()
+    assert "set aside checkpoint-40" in log
+    assert json.loads((out / ".ft" / "attempts" / "2" / "run.json").read_text())["args"][
+        "resume_from_checkpoint"
+    ].endswith("checkpoint-20")
+    aside = [p for p in (out / "ft-set-aside").iterdir() if p.name.startswith("checkpoint-40.")]
+    assert len(aside) == 1 and (aside[0] / "trainer_state.json.ft-pending").exists()  # kept, not deleted
+    assert (out / "checkpoint-40" / MARKER).exists() and trainer_state(out)["global_step"] == 80

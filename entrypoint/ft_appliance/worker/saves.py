@@ -177,8 +177,14 @@ class BackgroundSaver:
             error, self.error = self.error, None
             raise error
 
-    def settle(self) -> None:
-        """Let a write under way finish (a failing attempt's last checkpoint may still complete)."""
+    def settle(self, timeout_s: float = 120.0) -> None:
+        """Let a write under way finish (a failing attempt's last checkpoint may still complete), for
+        a while: a write that hangs leaves its checkpoint unmarked, which the next attempt sets aside."""
+        if self.thread is not None:
+            self.thread.join(timeout_s)
+            if self.thread.is_alive():
+                self.say(f"background save still writing after {timeout_s:.0f} s: its checkpoint stays unmarked")
+                return
         try:
             self.wait()
         except BaseException as exc:  # the attempt is failing already; its own error is the one to report
@@ -272,9 +278,12 @@ def _write_optimizer(output_dir: str, optimizer: Any, scheduler: Any) -> None:
     import torch
 
     # The names and the pickles the Trainer writes and reads back (trainer.py OPTIMIZER_NAME, SCHEDULER_NAME).
-    with _without_crc32():
-        torch.save(optimizer, os.path.join(output_dir, "optimizer.pt"))
-    torch.save(scheduler, os.path.join(output_dir, "scheduler.pt"))
+    # Through Python file objects: torch.save(path) opens the file in C++ holding the GIL, so an open
+    # that hangs (a volume that stopped answering) would freeze the training thread too.
+    with _without_crc32(), open(os.path.join(output_dir, "optimizer.pt"), "wb") as fh:
+        torch.save(optimizer, fh)
+    with open(os.path.join(output_dir, "scheduler.pt"), "wb") as fh:
+        torch.save(scheduler, fh)
 
 
 @contextlib.contextmanager

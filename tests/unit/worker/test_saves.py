@@ -124,6 +124,17 @@ def test_the_optimizer_is_written_without_crc32_and_reads_back(tmp_path: Path) -
     assert torch.load(tmp_path / "scheduler.pt", weights_only=True) == {"last_epoch": 3}
 
 
+def test_settle_gives_up_on_a_write_that_hangs() -> None:
+    said: list[str] = []
+    saver = BackgroundSaver(said.append)
+    release = threading.Event()
+    saver.jobs.append(lambda: release.wait(10))
+    saver.start(lambda: None)
+    saver.settle(timeout_s=0.2)
+    assert said == ["background save still writing after 0 s: its checkpoint stays unmarked"]
+    release.set()
+
+
 def test_begin_turns_background_saves_off_when_the_copy_would_not_fit() -> None:
     said: list[str] = []
     saver = BackgroundSaver(said.append)
