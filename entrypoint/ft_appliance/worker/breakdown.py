@@ -45,8 +45,6 @@ class Work:
     shapes: tuple[tuple[int, ...], ...]
     ancestors: tuple[str, ...]
     """The names of the ops and ranges around `op`, innermost first."""
-    start_us: float
-    """Its start on CPU; 0 for a kernel (the device's intervals are given apart)."""
     dur_us: float
 
 

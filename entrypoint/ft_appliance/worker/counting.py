@@ -129,9 +129,9 @@ def profiled_works(events: Any, device: bool) -> tuple[list[Any], list[tuple[flo
             continue
         shapes, around = tuple(_shapes(e.input_shapes or ())), _ancestors(e)
         if device:
-            works.extend(Work(k.name, e.name, shapes, around, 0.0, k.duration) for k in e.kernels)
+            works.extend(Work(k.name, e.name, shapes, around, k.duration) for k in e.kernels)
         elif e.self_cpu_time_total > 0:
-            works.append(Work(e.name, e.name, shapes, around, e.time_range.start, e.self_cpu_time_total))
+            works.append(Work(e.name, e.name, shapes, around, e.self_cpu_time_total))
     return works, busy
 
 

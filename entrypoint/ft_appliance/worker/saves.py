@@ -91,8 +91,9 @@ class BackgroundSaver:
         self.off = f"the training state ({total / 2**30:.1f} GiB) would take over half the free host memory"
         self.say(f"background saves off: {self.off}; checkpoints are written in the step")
 
-    def begin(self, state_bytes: int) -> None:
-        """Called by each checkpoint save before it writes: defer its writes when the copy fits."""
+    def begin(self, state_bytes: Callable[[], int]) -> None:
+        """Called by each checkpoint save before it writes: defer its writes when the copy fits.
+        state_bytes is asked only while there is no arena (a save before the first step ended)."""
         started, writing = time.monotonic(), self.thread is not None
         self.wait()  # the previous checkpoint is marked before this one starts
         waited = time.monotonic() - started
@@ -104,8 +105,8 @@ class BackgroundSaver:
         if self.preparing is not None:
             self.preparing.join()
             self.preparing = None
-        if self.off is None and not self.buffers and not host_copy_fits(state_bytes, available_host_bytes()):
-            self._turn_off(state_bytes)
+        if self.off is None and not self.buffers and not host_copy_fits(total := state_bytes(), available_host_bytes()):
+            self._turn_off(total)
         self.deferring = self.off is None
 
     def copy(self, name: str, tree: Any) -> Any:
@@ -244,7 +245,7 @@ def install(saver: BackgroundSaver) -> None:
 
     def _save_checkpoint(self: Any, model: Any, trial: Any) -> None:
         saver = Trainer._ft_saver
-        saver.begin(state_bytes(self) if self.args.should_save else 0)
+        saver.begin(lambda: state_bytes(self) if self.args.should_save else 0)
         try:
             save_checkpoint(self, model, trial)
         finally:

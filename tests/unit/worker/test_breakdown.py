@@ -24,8 +24,8 @@ from ft_appliance.worker.breakdown import (
 TOKENS, H, R, V = 8192, 4096, 8, 128256
 
 
-def work(name: str, op: str = "", shapes: tuple = (), around: tuple = (), start: float = 0, dur: float = 1) -> Work:
-    return Work(name, op, shapes, around, start, dur)
+def work(name: str, op: str = "", shapes: tuple = (), around: tuple = (), dur: float = 1) -> Work:
+    return Work(name, op, shapes, around, dur)
 
 
 @pytest.mark.parametrize(

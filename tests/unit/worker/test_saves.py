@@ -35,7 +35,7 @@ def test_prepare_lays_every_distinct_tensor_out_in_one_arena_that_the_copies_use
     model = {"embed": w, "head": w, "norm": torch.ones(4)}
     optimizer = {"state": {0: {"step": torch.tensor(2.0), "exp_avg": m}}, "param_groups": [{"lr": 1e-5}]}
     saver.prepare({"model": model, "optimizer": optimizer})
-    saver.begin(0)  # waits for the arena
+    saver.begin(lambda: 0)  # waits for the arena
     base, end = saver.arena.data_ptr(), saver.arena.data_ptr() + saver.arena.numel()
     host = saver.copy("model", model), saver.copy("optimizer", optimizer)
     copies = [host[0]["embed"], host[0]["norm"], host[1]["state"][0]["step"], host[1]["state"][0]["exp_avg"]]
@@ -104,7 +104,7 @@ def test_a_save_that_waits_for_the_previous_write_says_so() -> None:
     saver = BackgroundSaver(said.append)
     saver.jobs.append(lambda: time.sleep(1.1))  # a write longer than the interval between two saves
     saver.start(lambda: None)
-    saver.begin(0)
+    saver.begin(lambda: 0)
     assert said and said[0].startswith("this save waited 1 s for the previous checkpoint's write")
     assert "raise save_steps" in said[0] and saver.deferring
 
@@ -138,10 +138,10 @@ def test_settle_gives_up_on_a_write_that_hangs() -> None:
 def test_begin_turns_background_saves_off_when_the_copy_would_not_fit() -> None:
     said: list[str] = []
     saver = BackgroundSaver(said.append)
-    saver.begin(2**60)
+    saver.begin(lambda: 2**60)
     assert not saver.deferring and saver.off and said[0].startswith("background saves off: the training state")
-    saver.begin(1)  # off for the rest of the run, said once
+    saver.begin(lambda: 1)  # off for the rest of the run, said once
     assert not saver.deferring and len(said) == 1
     on = BackgroundSaver(said.append)
-    on.begin(1)
+    on.begin(lambda: 1)
     assert on.deferring
