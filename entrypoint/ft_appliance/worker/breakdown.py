@@ -59,7 +59,8 @@ def category(w: Work, rank: int, vocab: int) -> str:
     if w.op in GEMM_OPS:
         if vocab and vocab in dims:
             return HEAD
-        return LORA if rank and rank in dims else BASE
+        # A group of projections sharing an input (worker/lora_fused.py) runs rank x members at once.
+        return LORA if rank and dims & {rank, 2 * rank, 3 * rank} else BASE
     if any(word in name or word in op or any(word in a for a in around) for word in ATTENTION_WORDS):
         return ATTENTION
     if any(word in name or word in op for word in LOSS_WORDS):
@@ -104,4 +105,40 @@ def render(b: dict) -> str:
     )]  # fmt: skip
     for name, ms in sorted(b["categories"].items(), key=lambda kv: -kv[1]):
         rows.append(f"  {name:<45} {ms:9.1f} ms  {100 * ms / wall:5.1f}%")
+    return "\n".join(rows) + "\n"
+
+
+Span = tuple[float, float, str]
+"""(start µs, end µs, name): a kernel on the device, or an op or range on the host."""
+
+
+def largest_gaps(kernels: Sequence[Span], host: Sequence[Span], count: int = 12, min_us: float = 200.0) -> list[dict]:
+    """The longest stretches with no kernel running, each with the kernels on either side and the host
+    ops under way when it began (typically the call that waited for the device) and when it ended
+    (what launched the next kernel), innermost last."""
+    gaps: list[tuple[float, float, str, str]] = []
+    end, last = float("-inf"), ""
+    for a, b, name in sorted(kernels):
+        if a - end >= min_us and last:
+            gaps.append((end, a, last, name))
+        if b > end:
+            end, last = b, name
+    gaps.sort(key=lambda g: g[0] - g[1])
+
+    def under_way(t: float) -> list[str]:
+        spans = sorted((s for s in host if s[0] <= t <= s[1]), key=lambda s: (s[0], -s[1]))
+        return [s[2] for s in spans][-4:]
+
+    return [
+        {"ms": round((b - a) / 1000, 2), "after": before, "before": after, "began": under_way(a), "ended": under_way(b)}
+        for a, b, before, after in gaps[:count]
+    ]
+
+
+def render_gaps(gaps: Sequence[dict]) -> str:
+    rows = ["largest host gaps (no kernel running):"]
+    for g in gaps:
+        rows.append(f"  {g['ms']:7.2f} ms after {g['after'][:60]!r}, before {g['before'][:60]!r}")
+        rows.append(f"           began in: {' > '.join(g['began']) or '-'}")
+        rows.append(f"           ended in: {' > '.join(g['ended']) or '-'}")
     return "\n".join(rows) + "\n"

@@ -56,6 +56,7 @@ class StepTrace:
         self.out, self.first, self.count = out, first, count
         self.prof: Any = None
         self.started = 0.0
+        self.syncs: SyncSites | None = None
 
     @classmethod
     def from_env(cls, rank: int) -> StepTrace | None:
@@ -77,6 +78,9 @@ class StepTrace:
             self.prof = profile(activities=activities, record_shapes=True)
             self.prof.__enter__()
             self.started = time.monotonic()
+            if torch.cuda.is_available():
+                self.syncs = SyncSites()
+                self.syncs.start()
 
     def maybe_stop(self, step: int, model: Any = None) -> None:
         if self.prof is None or step != self.first + self.count:
@@ -84,6 +88,7 @@ class StepTrace:
         import torch
 
         device = torch.cuda.is_available()
+        sites = self.syncs.stop() if self.syncs else {}
         if device:
             torch.cuda.synchronize()
         wall = time.monotonic() - self.started
@@ -98,6 +103,10 @@ class StepTrace:
             + "\n"
             + events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=60)
         )
+        if sites:
+            rows = [f"{n:5d} x  {where}" for where, n in sorted(sites.items(), key=lambda kv: -kv[1])]
+            head = f"device synchronisations in {self.count} steps:\n"
+            (self.out / "syncs.txt").write_text(head + "\n".join(rows) + "\n")
         try:
             self._breakdown(wall * 1e6, device, model)
         except Exception as exc:  # a measurement aid: it must never end the training it measures
@@ -108,10 +117,56 @@ class StepTrace:
         from . import breakdown
 
         rank, vocab = _lora_rank(model), int(getattr(getattr(model, "config", None), "vocab_size", 0) or 0)
-        works, busy = profiled_works(self.prof.events(), device)
+        events = self.prof.events()
+        works, busy = profiled_works(events, device)
         result = breakdown.breakdown(works, wall_us, self.count, rank, vocab, busy if device else None)
+        text = breakdown.render(result)
+        if device:
+            kernels, host = spans(events)
+            result["gaps"] = breakdown.largest_gaps(kernels, host)
+            text += "\n" + breakdown.render_gaps(result["gaps"])
         (self.out / "breakdown.json").write_text(json.dumps(result, indent=1) + "\n")
-        (self.out / "breakdown.txt").write_text(breakdown.render(result))
+        (self.out / "breakdown.txt").write_text(text)
+
+
+class SyncSites:
+    """Where the traced steps make the host wait for the device: torch's sync debug mode warns at each
+    synchronising call (item(), a copy to the host, nonzero, ...); each warning's Python stack is
+    counted. Each such wait empties the GPU's queue, and it stays idle until the host launches again."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self._show: Any = None
+        self._filters: Any = None
+
+    def start(self) -> None:
+        import warnings
+
+        import torch
+
+        self._show, self._filters = warnings.showwarning, list(warnings.filters)
+        warnings.filterwarnings("always", message=".*synchroniz")
+        warnings.showwarning = self._record
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def _record(self, message: Any, category: Any, filename: str, lineno: int, *rest: Any) -> None:
+        import traceback
+
+        if "synchroniz" not in str(message):
+            return self._show(message, category, filename, lineno, *rest)
+        frames = [f for f in traceback.extract_stack() if not f.filename.endswith(("warnings.py", "counting.py"))]
+        where = " < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-6:]))
+        self.counts[where] = self.counts.get(where, 0) + 1
+        return None
+
+    def stop(self) -> dict[str, int]:
+        import warnings
+
+        import torch
+
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning, warnings.filters[:] = self._show, self._filters
+        return self.counts
 
 
 def profiled_works(events: Any, device: bool) -> tuple[list[Any], list[tuple[float, float]]]:
@@ -133,6 +188,16 @@ def profiled_works(events: Any, device: bool) -> tuple[list[Any], list[tuple[flo
         elif e.self_cpu_time_total > 0:
             works.append(Work(e.name, e.name, shapes, around, e.self_cpu_time_total))
     return works, busy
+
+
+def spans(events: Any) -> tuple[list[tuple[float, float, str]], list[tuple[float, float, str]]]:
+    """(kernels, host ops and ranges) as (start, end, name), for breakdown.largest_gaps."""
+    from torch.autograd import DeviceType
+
+    kernels, host = [], []
+    for e in events:
+        (host if e.device_type == DeviceType.CPU else kernels).append((e.time_range.start, e.time_range.end, e.name))
+    return kernels, host
 
 
 def _ancestors(op: Any) -> tuple[str, ...]:

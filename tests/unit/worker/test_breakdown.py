@@ -17,7 +17,9 @@ from ft_appliance.worker.breakdown import (
     Work,
     breakdown,
     category,
+    largest_gaps,
     render,
+    render_gaps,
     union_us,
 )
 
@@ -95,3 +97,22 @@ def test_breakdown_per_step_with_host_gaps_on_a_device() -> None:
 def test_breakdown_on_cpu_has_no_host_gaps() -> None:
     b = breakdown([work("aten::mm", "aten::mm", dur=500)], wall_us=1000, steps=1, rank=R, vocab=V, busy=None)
     assert HOST_GAPS not in b["categories"] and "busy_ms" not in b
+
+
+def test_largest_gaps_name_the_kernels_around_and_the_host_ops_under_way() -> None:
+    kernels = [(0, 100, "gemm"), (50, 300, "gemm2"), (1300, 1400, "fill"), (1500, 1600, "add"), (4600, 4700, "mm")]
+    host = [
+        (0, 10_000, "ProfilerStep#9"),
+        (280, 320, "aten::item"),
+        (290, 1290, "cudaStreamSynchronize"),
+        (4000, 4650, "Optimizer.step#AdamW.step"),
+    ]
+    gaps = largest_gaps(kernels, host, count=2, min_us=200)
+    assert [g["ms"] for g in gaps] == [3.0, 1.0]  # the 100 us gap is under min_us
+    first, second = gaps
+    assert (first["after"], first["before"]) == ("add", "mm")
+    assert first["ended"] == ["ProfilerStep#9", "Optimizer.step#AdamW.step"]
+    assert (second["after"], second["before"]) == ("gemm2", "fill")
+    assert second["began"] == ["ProfilerStep#9", "aten::item", "cudaStreamSynchronize"]
+    text = render_gaps(gaps)
+    assert "3.00 ms after 'add', before 'mm'" in text and "began in: ProfilerStep#9 > aten::item" in text
