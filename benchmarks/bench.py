@@ -86,6 +86,7 @@ CASES: dict[str, tuple[str, dict, list[str]]] = {
     "profile": ("ft", {}, []),
     "profile-nospare": ("ft", {}, ["--no-spare"]),  # a restart without the warm spare's imports
     "profile-noautotune": ("ft", {}, ["--no-autotune"]),
+    "profile-nofused": ("ft", {}, []),  # the profile with LoRA layers one by one (CASE_ENV)
     # The FP8 profile: the frozen base's matmuls in float8 (worker/fp8.py), the rest as the profile.
     "fp8": ("ft", {}, ["--fp8-base"]),
     # QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (the GPU image carries it), the profile on.
@@ -96,6 +97,10 @@ CASES: dict[str, tuple[str, dict, list[str]]] = {
     "full-sync": ("ft", FULL, ["--sync-saves"]),
     "full-ds": ("ft", {**FULL, "deepspeed": DS_Z2}, []),
 }
+
+
+# Environment for a case's workers: FT_SKIP_TWEAKS leaves one of the profile's worker tweaks out.
+CASE_ENV = {"profile-nofused": {"FT_SKIP_TWEAKS": "lora-fused-projections"}}
 
 
 def _build_model(model_dir: Path, sizes: dict, texts: list[str], tiny: bool) -> None:
@@ -237,7 +242,7 @@ def run_case(
     out = work / "output" / name
     shutil.rmtree(out, ignore_errors=True)  # every case trains from scratch
     log = work / f"{name}.log"
-    env = {**os.environ}
+    env = {**os.environ, **CASE_ENV.get(name, {})}
     if cold:  # a first start on a new volume: no compiled kernels, no autotune decision
         fresh = work / "cold" / f"{name}-{time.time_ns()}"
         env |= {"TRITON_CACHE_DIR": str(fresh / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(fresh / "inductor")}
@@ -299,7 +304,8 @@ def run_case(
         # An Event's own numbers ride in its `data` (state/records.py): read them beside its fields.
         events = [{**e.get("data", {}), **e} for e in read_jsonl(out / ".ft" / "events.jsonl")]
         saved = {e["step"] for e in events if e.get("event") == "save"} or set(range(10, steps + 1, 10))
-        steady = [r for r in mine if r["step"] > 5 and r["step"] - 1 not in saved]  # leave out steps after a save
+        traced = {9, 10} if trace else set()  # the profiler slows the steps it records
+        steady = [r for r in mine if r["step"] > 5 and r["step"] - 1 not in saved and r["step"] not in traced]
         sec = sum(r["seconds"] for r in steady)
         tok = sum(r["tokens"] for r in steady)
         result.update(

@@ -7,8 +7,9 @@ of running attention on packs:
     blockdiag    neat packing through the appliance's FlexAttention block-sparse path
     sdpa-causal  plain packing (examples attend to each other), for reference
 
-with `+nocast` the LoRA layers' inputs stay bf16 and with `+gemm` the LoRA output is added inside its
-second matmul (the profile's LoRA changes, ft_appliance/lora.py).
+with `+nocast` the LoRA layers' inputs stay bf16, with `+gemm` the LoRA output is added inside its
+second matmul (worker/lora.py), and with `+fused` the projections that share an input run as one
+group (worker/lora_fused.py; it re-stores the frozen weights, so it comes last in a run).
 
     python benchmarks/step_anatomy.py [--iters 6] [--top 12] [VARIANT ...]
 
@@ -23,7 +24,7 @@ import random
 import time
 
 import torch
-from ft_appliance.worker import attention, lora
+from ft_appliance.worker import attention, lora, lora_fused
 
 from benchmarks.bench import LLAMA_8B
 
@@ -99,6 +100,8 @@ def main() -> None:
             if hasattr(module, "cast_input_dtype_enabled"):
                 module.cast_input_dtype_enabled = "nocast" not in changes
             vars(module).pop("forward", None)  # peft's own forward again
+        if "fused" in changes:
+            lora_fused.fuse_lora_projections(model)
         if "gemm" in changes:
             lora.add_lora_in_gemm(model)
         t0 = time.perf_counter()

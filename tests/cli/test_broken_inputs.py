@@ -292,7 +292,8 @@ def test_demo_config_on_a_recorded_h100_gets_the_profile_and_its_worker_tweaks(d
     assert res.exit_code == 0, res.output
     report = json.loads(res.stdout)
     assert report["updates"]["bf16"] is True and report["updates"]["neat_packing"] is True
-    assert report["tweaks"] == ["blockdiag-attention", "lora-inputs-in-compute-dtype", "lora-add-in-gemm"]
+    tweaks = ["blockdiag-attention", "lora-inputs-in-compute-dtype", "lora-add-in-gemm", "lora-fused-projections"]
+    assert report["tweaks"] == tweaks
     assert any("FlexAttention with a block-sparse mask" in d for d in report["decisions"])
 
     res = CliRunner().invoke(cli, ["check", str(case.write()), *case.extra, "--json", "--no-profile"])

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config.args import cutoff, per_device
-from ..state.records import BLOCKDIAG_ATTENTION, FP8_BASE, LORA_ADD_IN_GEMM, LORA_INPUTS
+from ..state.records import BLOCKDIAG_ATTENTION, FP8_BASE, LORA_ADD_IN_GEMM, LORA_FUSED, LORA_INPUTS
 
 GiB = 2**30
 
@@ -38,7 +38,7 @@ class Profile:
     """LlamaFactory keys the profile sets; never one the user's YAML set."""
     notes: list[str] = field(default_factory=list)
     tweaks: list[str] = field(default_factory=list)
-    """Changes the worker makes to the loaded model, BLOCKDIAG_ATTENTION, LORA_INPUTS and
+    """Changes the worker makes to the loaded model, BLOCKDIAG_ATTENTION, LORA_INPUTS, LORA_FUSED and
     LORA_ADD_IN_GEMM below; LlamaFactory has no key for them."""
 
 
@@ -85,7 +85,7 @@ def performance_profile(
     _choose_attention(profile, args, gpu, choose)
     if config and weights_bytes is not None and "disable_gradient_checkpointing" not in args:
         _choose_checkpointing(profile, args, gpu, config, weights_bytes, choose)
-    _choose_lora_tweaks(profile, args)
+    _choose_lora_tweaks(profile, args, fp8_base)
     if fp8_base:
         profile.tweaks.append(FP8_BASE)
         profile.notes.append(
@@ -144,7 +144,7 @@ def _choose_checkpointing(
         )
 
 
-def _choose_lora_tweaks(profile: Profile, args: Mapping[str, Any]) -> None:
+def _choose_lora_tweaks(profile: Profile, args: Mapping[str, Any], fp8_base: bool) -> None:
     notes = profile.notes
     # Autocast only: DeepSpeed and FSDP manage the adapter's dtype themselves.
     autocast = bool(args.get("bf16") or args.get("fp16")) and not args.get("pure_bf16")
@@ -160,3 +160,10 @@ def _choose_lora_tweaks(profile: Profile, args: Mapping[str, Any]) -> None:
             "profile: LoRA output added inside its second matmul (peft scales and adds it in two more "
             "passes over each layer's output, and a third in backward)"
         )
+        if not fp8_base:  # the float8 base replaces the base matmuls this path would run
+            profile.tweaks.append(LORA_FUSED)
+            notes.append(
+                "profile: LoRA projections that share an input (q/k/v, gate/up) run as one autograd node: one "
+                "low-rank GEMM per group, each output's LoRA part read in its base GEMM's epilogue, the input "
+                "gradient and dy·B from one GEMM against [W | B] (no per-projection passes, no gradient sums)"
+            )

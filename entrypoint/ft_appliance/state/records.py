@@ -149,6 +149,7 @@ def _plain(value: Any) -> Any:
 BLOCKDIAG_ATTENTION = "blockdiag-attention"
 LORA_INPUTS = "lora-inputs-in-compute-dtype"
 LORA_ADD_IN_GEMM = "lora-add-in-gemm"
+LORA_FUSED = "lora-fused-projections"
 FP8_BASE = "fp8-frozen-base"
 
 

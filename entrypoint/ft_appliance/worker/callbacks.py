@@ -13,6 +13,7 @@ order after its own DefaultFlowCallback, so on_step_end already sees should_save
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from ..state.records import (
     BLOCKDIAG_ATTENTION,
     FP8_BASE,
     LORA_ADD_IN_GEMM,
+    LORA_FUSED,
     LORA_INPUTS,
     LogRecord,
     StepRecord,
@@ -224,8 +226,12 @@ class TweaksCallback(TrainerCallback):
         self.ctx = ctx
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
-        if model is not None and self.ctx.tweaks:
-            done = apply_tweaks(model, self.ctx.tweaks)
+        # FT_SKIP_TWEAKS (comma-separated names): benchmarks/ and tests measure one tweak against the
+        # rest of the profile in one run of the same config.
+        skip = set(os.environ.get("FT_SKIP_TWEAKS", "").split(","))
+        tweaks = tuple(t for t in self.ctx.tweaks if t not in skip)
+        if model is not None and tweaks:
+            done = apply_tweaks(model, tweaks)
             if self.ctx.rank == 0:
                 for name, what in done.items():
                     print(f"[ft-appliance worker] {name}: {what}", flush=True)
@@ -280,7 +286,7 @@ _LOG_KEYS = frozenset({"loss", "learning_rate", "eval_loss", "epoch"})
 
 def apply_tweaks(model: Any, tweaks: tuple[str, ...]) -> dict[str, str]:
     """After loading: LlamaFactory has no keys for these (policy/profile.py explains each)."""
-    from . import attention, fp8, lora
+    from . import attention, fp8, lora, lora_fused
 
     done: dict[str, str] = {}
     if BLOCKDIAG_ATTENTION in tweaks:
@@ -291,6 +297,8 @@ def apply_tweaks(model: Any, tweaks: tuple[str, ...]) -> dict[str, str]:
             done[BLOCKDIAG_ATTENTION] = "skipped: FlexAttention unavailable, SDPA kept"
     if LORA_INPUTS in tweaks:
         done[LORA_INPUTS] = f"{lora.keep_lora_inputs_in_compute_dtype(model)} LoRA layers"
+    if LORA_FUSED in tweaks:  # first: add_lora_in_gemm then takes only the layers it left
+        done[LORA_FUSED] = f"{lora_fused.fuse_lora_projections(model)} LoRA layers"
     if LORA_ADD_IN_GEMM in tweaks:
         done[LORA_ADD_IN_GEMM] = f"{lora.add_lora_in_gemm(model)} LoRA layers"
     if FP8_BASE in tweaks:

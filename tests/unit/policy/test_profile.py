@@ -6,6 +6,7 @@ from ft_appliance.policy.profile import (
     BLOCKDIAG_ATTENTION,
     FP8_BASE,
     LORA_ADD_IN_GEMM,
+    LORA_FUSED,
     LORA_INPUTS,
     GpuFacts,
     fits_without_checkpointing,
@@ -15,7 +16,7 @@ from ft_appliance.policy.profile import (
 H100 = GpuFacts((9, 0), 80 * 2**30, liger_available=True, flash_attn_available=False)
 LLAMA_8B = {"hidden_size": 4096, "num_hidden_layers": 32}
 SEED = {"stage": "sft", "per_device_train_batch_size": 4, "cutoff_len": 2048}
-LORA = [LORA_INPUTS, LORA_ADD_IN_GEMM]
+LORA = [LORA_INPUTS, LORA_ADD_IN_GEMM, LORA_FUSED]
 
 
 def test_seed_config_on_h100_gets_the_full_profile() -> None:
@@ -99,4 +100,5 @@ def test_fp8_base_only_when_asked() -> None:
     assert FP8_BASE not in performance_profile(BF16, H100_FLEX, LLAMA_8B, 16 * 2**30).tweaks
     chosen = performance_profile(BF16, H100_FLEX, LLAMA_8B, 16 * 2**30, fp8_base=True)
     assert FP8_BASE in chosen.tweaks and LORA_ADD_IN_GEMM in chosen.tweaks
+    assert LORA_FUSED not in chosen.tweaks  # float8 runs the base matmuls the grouped path would
     assert any("float8 (--fp8-base)" in n for n in chosen.notes)
