@@ -92,6 +92,13 @@ def performance_profile(
             "profile: the frozen base's matmuls in float8 (--fp8-base): weights quantised once, inputs and "
             "gradients per call; the LoRA path, the loss and the optimizer stay in bf16/fp32"
         )
+    if args.get("dataloader_pin_memory", True):
+        choose(
+            "accelerator_config",
+            {"non_blocking": True},
+            "batches are copied to the GPU from pinned memory without waiting: a blocking copy empties "
+            "the GPU's queue at every micro-batch, and it idles while the host launches the next forward",
+        )
     choose(
         "logging_nan_inf_filter",
         False,

@@ -63,11 +63,31 @@ def flex_kernel() -> Any:
                 return (examples[b, q] == examples[b, kv]) & (q >= kv)
 
             batch, _, length, _ = query.shape
-            last["block"] = create_block_mask(same_example_causal, batch, None, length, length, device=query.device)
+            last["block"] = _block_mask(create_block_mask, same_example_causal, batch, length, query.device)
             last["examples"] = examples
         return compiled(query, key, value, block_mask=last["block"], scale=scale, enable_gqa=True)
 
     return call
+
+
+def _block_mask(create: Any, mask_mod: Any, batch: int, length: int, device: Any) -> Any:
+    """The block mask, built by a compiled function: eager, its vmapped index and compare ops are
+    hundreds of small launches per forward, and the GPU waits through them (about 2-6 ms each time on
+    the H200 trace in docs/benchmarks.md). A compiler that cannot build it leaves it eager."""
+    if not _mask.broken:
+        try:
+            return create(mask_mod, batch, None, length, length, device=device, _compile=True)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager path is exact too
+            print(f"[ft-appliance worker] compiled block mask failed, built eagerly: {exc!r:.300}", flush=True)
+            _mask.broken = True
+    return create(mask_mod, batch, None, length, length, device=device)
+
+
+class _Mask:
+    broken = False
+
+
+_mask = _Mask()
 
 
 class _State:

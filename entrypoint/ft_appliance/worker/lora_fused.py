@@ -1,12 +1,13 @@
 """LoRA projections that share an input, computed together with one autograd node per group.
 
 A step's LoRA cost is memory traffic, not arithmetic: in the 8B profile's step on an H200
-(docs/benchmarks.md) the rank-8 GEMMs took 102 ms and elementwise kernels, mostly autograd's sums,
-63 ms, against 588 ms for the whole frozen base. Per decoder layer peft runs, for each of seven projections, a rank-r GEMM over the input,
-a pass that adds the product into the output, and in backward two passes over the output gradient, one
-more GEMM writing an input-sized gradient, and autograd's additions of the five gradients that q, k
-and v (and gate and up) send to their one input. Here each group of projections fed by one tensor
-(q/k/v, gate/up; o and down alone) runs as one function:
+(docs/benchmarks.md) the rank-8 GEMMs took 102 ms and elementwise kernels, mostly autograd's sums, 63
+ms, against 588 ms for the whole frozen base. Per decoder layer peft runs, for each of seven
+projections, a rank-r GEMM over the input, a pass that adds the product into the output, and in
+backward two passes over the output gradient, one more GEMM writing an input-sized gradient, and
+autograd's additions of the five gradients that q, k and v (and gate and up) send to their one input.
+Here each group of projections fed by one tensor (q/k/v, gate/up; o and down alone) runs as one
+function:
 
 - forward: one rank-(r·n) GEMM over the input for the whole group; each output starts as its small
   product (s·x A^T) B^T and the base GEMM accumulates x W^T into it in place (beta = 1: the epilogue's

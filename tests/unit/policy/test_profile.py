@@ -28,9 +28,10 @@ def test_seed_config_on_h100_gets_the_full_profile() -> None:
         "packing": True,
         "neat_packing": True,
         "disable_gradient_checkpointing": True,
+        "accelerator_config": {"non_blocking": True},
         "logging_nan_inf_filter": False,
     }
-    assert len([n for n in notes if n.startswith("profile: ")]) == 6  # five choices and the attention note
+    assert len([n for n in notes if n.startswith("profile: ")]) == 7  # six choices and the attention note
     assert any("SDPA; flash-attn is not installed" in n for n in notes)
 
 
@@ -41,6 +42,7 @@ def test_user_keys_always_win() -> None:
         "packing": False,
         "disable_gradient_checkpointing": False,
         "logging_nan_inf_filter": True,
+        "accelerator_config": {"non_blocking": False},
     }
     chosen = performance_profile(args, H100, LLAMA_8B, 16 * 2**30)
     assert chosen.updates == {} and chosen.tweaks == []
@@ -61,7 +63,15 @@ def test_gradient_checkpointing_kept_when_memory_requires() -> None:
 def test_no_liger_no_fa2_and_other_stages() -> None:
     plain = GpuFacts((8, 0), 80 * 2**30, liger_available=False, flash_attn_available=True)
     chosen = performance_profile({"stage": "dpo"}, plain, None, None)
-    assert chosen.updates == {"flash_attn": "fa2", "logging_nan_inf_filter": False} and chosen.tweaks == []
+    assert chosen.updates == {
+        "flash_attn": "fa2",
+        "accelerator_config": {"non_blocking": True},
+        "logging_nan_inf_filter": False,
+    }
+    assert chosen.tweaks == []
+    # unpinned batches cannot be copied without waiting: the profile leaves the copies alone
+    unpinned = performance_profile({"stage": "dpo", "dataloader_pin_memory": False}, plain, None, None)
+    assert "accelerator_config" not in unpinned.updates
 
 
 H100_FLEX = GpuFacts((9, 0), 80 * 2**30, liger_available=True, flash_attn_available=False, flex_available=True)

@@ -119,3 +119,22 @@ def test_a_kernel_that_cannot_run_turns_the_path_off_and_sdpa_takes_over(model: 
     assert len(calls) == 1  # tried once, then never again
     torch.testing.assert_close(got.logits, expected.logits)
     torch.testing.assert_close(again.logits, expected.logits)
+
+
+def test_the_compiled_block_mask_is_the_eager_one() -> None:
+    """The block mask is built through torch.compile (fewer launches per forward); on CPU here, by
+    Inductor's C++ backend: the same blocks, full and partial, as the eager build."""
+    from ft_appliance.worker import attention
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    examples = attention.example_ids(packed_batch()["position_ids"])
+    length = examples.shape[1]
+
+    def rule(b, _h, q, kv):  # noqa: ANN001, ANN202
+        return (examples[b, q] == examples[b, kv]) & (q >= kv)
+
+    compiled = attention._block_mask(create_block_mask, rule, examples.shape[0], length, "cpu")
+    assert not attention._mask.broken
+    eager = create_block_mask(rule, examples.shape[0], None, length, length, device="cpu")
+    assert torch.equal(compiled.to_dense(), eager.to_dense())
+    assert torch.equal(compiled.full_kv_num_blocks, eager.full_kv_num_blocks)
