@@ -171,6 +171,7 @@ def _choose_lora_tweaks(profile: Profile, args: Mapping[str, Any], fp8_base: boo
             profile.tweaks.append(LORA_FUSED)
             notes.append(
                 "profile: LoRA projections that share an input (q/k/v, gate/up) run as one autograd node: one "
-                "low-rank GEMM per group, each output's LoRA part read in its base GEMM's epilogue, the input "
-                "gradient and dy·B from one GEMM against [W | B] (no per-projection passes, no gradient sums)"
+                "low-rank GEMM per group, each base GEMM accumulating into its LoRA product, the input "
+                "gradient written once with every dy·W accumulated into it (no per-projection passes, no "
+                "gradient sums)"
             )

@@ -52,20 +52,8 @@ def _gemm_add_forward(layer: Any) -> Any:
     from peft.tuners.lora.layer import Linear
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        adapters = layer.active_adapters
-        name = adapters[0] if len(adapters) == 1 else None
-        if (
-            args
-            or kwargs
-            or name is None
-            or layer.disable_adapters
-            or layer.merged
-            or name not in layer.lora_A
-            or name in layer.lora_variant
-            or layer.lora_B[name].bias is not None
-            or not isinstance(layer.lora_dropout[name], torch.nn.Identity)
-            or not torch.is_autocast_enabled(x.device.type)
-        ):
+        name = plain_call(layer, x)
+        if args or kwargs or name is None:
             return Linear.forward(layer, x, *args, **kwargs)
         flat = x.reshape(-1, x.shape[-1])
         out = layer.base_layer(flat)  # autocast: compute dtype; this fresh tensor takes the sum in place
@@ -74,3 +62,24 @@ def _gemm_add_forward(layer: Any) -> Any:
         return out.view(*x.shape[:-1], out.shape[-1])
 
     return forward
+
+
+def plain_call(layer: Any, x: Any) -> str | None:
+    """The one active adapter's name when a call of peft LoRA Linear `layer` on x is one the fast paths
+    here and in lora_fused.py cover (autocast on; no dropout, DoRA or other variant, lora_B bias,
+    merged, disabled or several adapters); None where peft's own forward must run."""
+    import torch
+
+    adapters = layer.active_adapters
+    name = adapters[0] if len(adapters) == 1 else None
+    plain = (
+        name is not None
+        and not layer.disable_adapters
+        and not layer.merged
+        and name in layer.lora_A
+        and name not in layer.lora_variant
+        and layer.lora_B[name].bias is None
+        and isinstance(layer.lora_dropout[name], torch.nn.Identity)
+        and torch.is_autocast_enabled(x.device.type)
+    )
+    return name if plain else None

@@ -45,6 +45,7 @@ class Group:
     pending: dict[int, Any] = field(default_factory=dict)
     """Outputs computed for the members not yet called, for the input `pending_key` names."""
     held: Any = None
+    """That input, kept alive while outputs wait: no other tensor can take its memory (and its key)."""
 
     @property
     def dtype(self) -> Any:
@@ -99,31 +100,34 @@ _fn = _Fn()
 
 
 def _fast(layer: Any, name: str, x: Any) -> bool:
-    """The calls this path covers; the rest run peft's forward (the conditions of lora.add_lora_in_gemm,
-    and a base that stays frozen)."""
+    """The calls this path covers: lora.add_lora_in_gemm's, with a base that stays frozen and autocast
+    to the base's dtype; the rest run peft's forward."""
     import torch
 
+    from .lora import plain_call
+
     return (
-        layer.active_adapters == [name]
-        and not layer.disable_adapters
-        and not layer.merged
-        and name not in layer.lora_variant
-        and isinstance(layer.lora_dropout[name], torch.nn.Identity)
+        plain_call(layer, x) == name
         and not layer.base_layer.weight.requires_grad
-        and torch.is_autocast_enabled(x.device.type)
         and torch.get_autocast_dtype(x.device.type) == layer.base_layer.weight.dtype
     )
 
 
+def _pending(group: Group, index: int, x: Any) -> Any:
+    """Member `index`'s output for x if the group's first call computed it (HF calls q, k and v one
+    after the other on one tensor), else None."""
+    if group.pending_key != (x.data_ptr(), x._version, tuple(x.shape)) or index not in group.pending:
+        return None
+    out = group.pending.pop(index)
+    if not group.pending:
+        group.pending_key = group.held = None
+    return out
+
+
 def _run(group: Group, index: int, x: Any) -> Any:
-    """Member `index`'s output for x: computed with the whole group's on the first member's call, and
-    handed out from `pending` to the others (HF calls q, k and v one after the other on one tensor)."""
+    """Every member's output for x in one call; member `index`'s is returned, the others wait in
+    `pending` for their own calls."""
     key = (x.data_ptr(), x._version, tuple(x.shape))
-    if group.pending_key == key and index in group.pending:
-        out = group.pending.pop(index)
-        if not group.pending:
-            group.pending_key = group.held = None
-        return out
     flat = x.reshape(-1, x.shape[-1]).to(group.dtype)
     params = [m.lora_A[group.name].weight for m in group.members] + [m.lora_B[group.name].weight for m in group.members]
     outs = _fn.cls.apply(group, flat, *params)
@@ -139,6 +143,8 @@ def _member_forward(group: Group, index: int) -> Any:
     layer = group.members[index]
 
     def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
+        if not args and not kwargs and (out := _pending(group, index, x)) is not None:
+            return out  # the group's first call checked the conditions for this input
         if args or kwargs or not all(_fast(m, group.name, x) for m in group.members) or _scalings_changed(group):
             return Linear.forward(layer, x, *args, **kwargs)
         return _run(group, index, x)
