@@ -11,7 +11,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config.args import cutoff, per_device
-from ..state.records import BLOCKDIAG_ATTENTION, FP8_BASE, LORA_ADD_IN_GEMM, LORA_FUSED, LORA_INPUTS
+from ..state.records import (
+    BLOCKDIAG_ATTENTION,
+    FP8_BASE,
+    LIGER_LOSS_NO_SYNC,
+    LORA_ADD_IN_GEMM,
+    LORA_FUSED,
+    LORA_INPUTS,
+)
 
 GiB = 2**30
 
@@ -38,8 +45,8 @@ class Profile:
     """LlamaFactory keys the profile sets; never one the user's YAML set."""
     notes: list[str] = field(default_factory=list)
     tweaks: list[str] = field(default_factory=list)
-    """Changes the worker makes to the loaded model, BLOCKDIAG_ATTENTION, LORA_INPUTS, LORA_FUSED and
-    LORA_ADD_IN_GEMM below; LlamaFactory has no key for them."""
+    """Changes the worker makes to the loaded model or its kernels, BLOCKDIAG_ATTENTION, LORA_INPUTS,
+    LORA_FUSED, LORA_ADD_IN_GEMM and LIGER_LOSS_NO_SYNC below; LlamaFactory has no key for them."""
 
 
 def activation_bytes(config: Mapping[str, Any], tokens: int) -> float:
@@ -79,6 +86,12 @@ def performance_profile(
             True,
             "fused Triton kernels for RMSNorm, SwiGLU, RoPE and the loss: less memory and time per step",
         )
+        if updates.get("enable_liger_kernel", args.get("enable_liger_kernel")):
+            profile.tweaks.append(LIGER_LOSS_NO_SYNC)
+            notes.append(
+                "profile: Liger's fused loss backward scales its gradient without first comparing the "
+                "scale with 1.0 on the CPU (a wait for the GPU at every micro-batch; the values are the same)"
+            )
     if args.get("stage", "sft") in ("sft", "pt") and "packing" not in args and "neat_packing" not in args:
         choose("packing", True, "no compute spent on padding")
         choose("neat_packing", True, "examples in a pack cannot attend to each other, as without packing")

@@ -151,6 +151,7 @@ LORA_INPUTS = "lora-inputs-in-compute-dtype"
 LORA_ADD_IN_GEMM = "lora-add-in-gemm"
 LORA_FUSED = "lora-fused-projections"
 FP8_BASE = "fp8-frozen-base"
+LIGER_LOSS_NO_SYNC = "liger-loss-backward-no-sync"
 
 
 @dataclass(frozen=True)

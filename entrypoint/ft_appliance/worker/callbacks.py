@@ -27,6 +27,7 @@ from ..state.layout import append_record, write_record
 from ..state.records import (
     BLOCKDIAG_ATTENTION,
     FP8_BASE,
+    LIGER_LOSS_NO_SYNC,
     LORA_ADD_IN_GEMM,
     LORA_FUSED,
     LORA_INPUTS,
@@ -286,7 +287,7 @@ _LOG_KEYS = frozenset({"loss", "learning_rate", "eval_loss", "epoch"})
 
 def apply_tweaks(model: Any, tweaks: tuple[str, ...]) -> dict[str, str]:
     """After loading: LlamaFactory has no keys for these (policy/profile.py explains each)."""
-    from . import attention, fp8, lora, lora_fused
+    from . import attention, fp8, liger, lora, lora_fused
 
     done: dict[str, str] = {}
     if BLOCKDIAG_ATTENTION in tweaks:
@@ -303,4 +304,6 @@ def apply_tweaks(model: Any, tweaks: tuple[str, ...]) -> dict[str, str]:
         done[LORA_ADD_IN_GEMM] = f"{lora.add_lora_in_gemm(model)} LoRA layers"
     if FP8_BASE in tweaks:
         done[FP8_BASE] = f"{fp8.use_float8_base(model)} frozen base layers in float8"
+    if LIGER_LOSS_NO_SYNC in tweaks:
+        done[LIGER_LOSS_NO_SYNC] = "patched" if liger.drop_loss_backward_sync() else "skipped: Liger not found"
     return done

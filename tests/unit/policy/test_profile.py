@@ -5,6 +5,7 @@ from __future__ import annotations
 from ft_appliance.policy.profile import (
     BLOCKDIAG_ATTENTION,
     FP8_BASE,
+    LIGER_LOSS_NO_SYNC,
     LORA_ADD_IN_GEMM,
     LORA_FUSED,
     LORA_INPUTS,
@@ -22,7 +23,7 @@ LORA = [LORA_INPUTS, LORA_ADD_IN_GEMM, LORA_FUSED]
 def test_seed_config_on_h100_gets_the_full_profile() -> None:
     chosen = performance_profile(SEED, H100, LLAMA_8B, 16 * 2**30)
     updates, notes = chosen.updates, chosen.notes
-    assert chosen.tweaks == []  # no FlexAttention known, no precision chosen yet
+    assert chosen.tweaks == [LIGER_LOSS_NO_SYNC]  # no FlexAttention known, no precision chosen yet
     assert updates == {
         "enable_liger_kernel": True,
         "packing": True,
@@ -31,7 +32,7 @@ def test_seed_config_on_h100_gets_the_full_profile() -> None:
         "accelerator_config": {"non_blocking": True},
         "logging_nan_inf_filter": False,
     }
-    assert len([n for n in notes if n.startswith("profile: ")]) == 7  # six choices and the attention note
+    assert len([n for n in notes if n.startswith("profile: ")]) == 8  # six choices, the attention and Liger notes
     assert any("SDPA; flash-attn is not installed" in n for n in notes)
 
 
@@ -80,7 +81,7 @@ BF16 = {**SEED, "bf16": True}
 
 def test_neat_packing_gets_blockdiag_attention_and_lora_layers_stay_bf16() -> None:
     chosen = performance_profile(BF16, H100_FLEX, LLAMA_8B, 16 * 2**30)
-    assert chosen.tweaks == [BLOCKDIAG_ATTENTION, *LORA] and chosen.updates["neat_packing"] is True
+    assert chosen.tweaks == [LIGER_LOSS_NO_SYNC, BLOCKDIAG_ATTENTION, *LORA] and chosen.updates["neat_packing"] is True
     assert "flash_attn" not in chosen.updates  # LlamaFactory loads with SDPA; the worker switches
     assert any("FlexAttention with a block-sparse mask" in n for n in chosen.notes)
     assert any("no value changes" in n for n in chosen.notes)
@@ -93,17 +94,31 @@ def test_tweaks_only_where_safe_and_nobody_chose_otherwise() -> None:
     def tweaks(args: dict, gpu: GpuFacts = H100_FLEX) -> list[str]:
         return performance_profile(args, gpu, None, None).tweaks
 
-    assert tweaks({**BF16, "flash_attn": "sdpa"}) == LORA  # the user chose an attention
-    assert tweaks({**BF16, "packing": True}) == LORA  # plain packing: nothing to keep apart
+    assert tweaks({**BF16, "flash_attn": "sdpa"}) == [LIGER_LOSS_NO_SYNC, *LORA]  # the user chose an attention
+    assert tweaks({**BF16, "packing": True}) == [LIGER_LOSS_NO_SYNC, *LORA]  # plain packing: nothing to keep apart
     fa2 = GpuFacts((9, 0), 80 * 2**30, True, flash_attn_available=True, flex_available=True)
-    assert tweaks(BF16, fa2) == LORA  # LlamaFactory's own fa2 path keeps examples apart
+    assert tweaks(BF16, fa2) == [LIGER_LOSS_NO_SYNC, *LORA]  # LlamaFactory's own fa2 path keeps examples apart
     volta = GpuFacts((7, 0), 32 * 2**30, True, False, flex_available=True)
-    assert tweaks({**SEED, "fp16": True}, volta) == LORA
+    assert tweaks({**SEED, "fp16": True}, volta) == [LIGER_LOSS_NO_SYNC, *LORA]
     # the LoRA changes hold under autocast with an fp32 adapter only
-    assert tweaks({**BF16, "pure_bf16": True}) == [BLOCKDIAG_ATTENTION]
-    assert tweaks({**BF16, "finetuning_type": "full"}) == [BLOCKDIAG_ATTENTION]
-    assert tweaks({**BF16, "deepspeed": "configs/deepspeed/ds_z3_config.json"}) == [BLOCKDIAG_ATTENTION]
-    assert tweaks(SEED) == [BLOCKDIAG_ATTENTION]  # fp32
+    assert tweaks({**BF16, "pure_bf16": True}) == [LIGER_LOSS_NO_SYNC, BLOCKDIAG_ATTENTION]
+    assert tweaks({**BF16, "finetuning_type": "full"}) == [LIGER_LOSS_NO_SYNC, BLOCKDIAG_ATTENTION]
+    assert tweaks({**BF16, "deepspeed": "configs/deepspeed/ds_z3_config.json"}) == [
+        LIGER_LOSS_NO_SYNC,
+        BLOCKDIAG_ATTENTION,
+    ]
+    assert tweaks(SEED) == [LIGER_LOSS_NO_SYNC, BLOCKDIAG_ATTENTION]  # fp32
+
+
+def test_liger_loss_without_its_sync_only_where_liger_runs() -> None:
+    def tweaks(args: dict, liger: bool = True) -> list[str]:
+        gpu = GpuFacts((9, 0), 80 * 2**30, liger_available=liger, flash_attn_available=False)
+        return performance_profile(args, gpu, None, None).tweaks
+
+    assert tweaks(SEED) == [LIGER_LOSS_NO_SYNC]
+    assert tweaks({**SEED, "enable_liger_kernel": True}) == [LIGER_LOSS_NO_SYNC]  # the user's own Liger
+    assert tweaks({**SEED, "enable_liger_kernel": False}) == []
+    assert tweaks(SEED, liger=False) == []
 
 
 def test_fp8_base_only_when_asked() -> None:
