@@ -87,6 +87,7 @@ CASES: dict[str, tuple[str, dict, list[str]]] = {
     "profile-nospare": ("ft", {}, ["--no-spare"]),  # a restart without the warm spare's imports
     "profile-noautotune": ("ft", {}, ["--no-autotune"]),
     "profile-nofused": ("ft", {}, []),  # the profile with LoRA layers one by one (CASE_ENV)
+    "profile-flex": ("ft", {}, []),  # the profile with FlexAttention for neat packing (CASE_ENV)
     # The FP8 profile: the frozen base's matmuls in float8 (worker/fp8.py), the rest as the profile.
     "fp8": ("ft", {}, ["--fp8-base"]),
     # QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (the GPU image carries it), the profile on.
@@ -100,7 +101,10 @@ CASES: dict[str, tuple[str, dict, list[str]]] = {
 
 
 # Environment for a case's workers: FT_SKIP_TWEAKS leaves one of the profile's worker tweaks out.
-CASE_ENV = {"profile-nofused": {"FT_SKIP_TWEAKS": "lora-fused-projections"}}
+CASE_ENV = {
+    "profile-nofused": {"FT_SKIP_TWEAKS": "lora-fused-projections"},
+    "profile-flex": {"FT_ATTENTION_KERNELS": "flex"},
+}
 
 
 def _build_model(model_dir: Path, sizes: dict, texts: list[str], tiny: bool) -> None:

@@ -64,36 +64,82 @@ def test_sigterm_on_gpu_saves_exits_and_frees_the_gpu(tmp_path: Path) -> None:
     assert "restarts 1; steps lost 0" in res.stdout
 
 
-def test_blockdiag_kernel_matches_the_reference_forward_and_backward() -> None:
-    """FlexAttention's block-sparse kernel, as the appliance calls it, against SDPA with a dense mask."""
+@pytest.mark.parametrize("name", ["varlen", "flex"])
+def test_blockdiag_kernels_match_the_reference_forward_and_backward(name: str) -> None:
+    """torch's FlashAttention-2 varlen kernel and FlexAttention's block-sparse one, as the appliance
+    calls them, against SDPA with a dense mask (every real token; a row's trailing pads differ)."""
     import torch
     from ft_appliance.worker import attention
 
-    if not attention.flex_available():
-        pytest.skip(f"torch {torch.__version__} has no FlexAttention")
-    attention.register()
+    available = {"varlen": attention.varlen_available, "flex": attention.flex_available}[name]
+    if not available():
+        pytest.skip(f"torch {torch.__version__} has no {name} kernel here")
+    kernel = {"varlen": attention.varlen_kernel, "flex": attention.flex_kernel}[name]()
+    attention.register((kernel,))
     torch.manual_seed(0)
     # Llama-3.1-8B heads (32 query, 8 key/value, dim 128); two rows packed with 3 and 2 examples + padding
     position_ids = torch.tensor(
         [list(range(300)) + list(range(500)) + list(range(224)), list(range(700)) + list(range(320)) + [0] * 4],
         device="cuda",
     )
+    real = torch.ones_like(position_ids, dtype=torch.bool)
+    real[1, -3:] = False  # the pads after the first (which opens the padding piece)
     rows, length = position_ids.shape
+    # as transformers hands them over: (B, H, L, D) views of the projections' (B, L, H, D) outputs
     q, k, v = (
-        torch.randn(rows, heads, length, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        torch.randn(rows, length, heads, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
         for heads in (32, 8, 8)
     )
     module = torch.nn.Module()
     out, _ = attention.blockdiag_attention_forward(module, q, k, v, None, scaling=128**-0.5, position_ids=position_ids)
-    grad = torch.randn_like(out)
+    assert attention._state.proven and attention._state.kernels == (kernel,)  # no fallback took over
+    grad = torch.randn_like(out).masked_fill(~real[..., None, None], 0)
     (out * grad).sum().backward()
 
     ref_in = [t.detach().float().requires_grad_() for t in (q, k, v)]
     ref = attention.reference_kernel(*ref_in, attention.example_ids(position_ids), 128**-0.5).transpose(1, 2)
     (ref * grad.float()).sum().backward()
-    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float()[real], ref[real], atol=2e-2, rtol=2e-2)
     for t, r in zip((q, k, v), ref_in, strict=True):
-        torch.testing.assert_close(t.grad.float(), r.grad, atol=5e-2, rtol=5e-2)
+        got, want = t.grad.float().transpose(1, 2)[real], r.grad.transpose(1, 2)[real]
+        torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+
+
+def test_liger_fused_loss_backward_without_its_sync_gives_the_same_gradients() -> None:
+    import torch
+
+    liger = pytest.importorskip("liger_kernel.ops.fused_linear_cross_entropy")
+    from ft_appliance.worker.liger import drop_loss_backward_sync
+
+    torch.manual_seed(0)
+    x0 = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16)
+    weight = torch.randn(32000, 1024, device="cuda", dtype=torch.bfloat16) * 0.02
+    target = torch.randint(0, 32000, (2048,), device="cuda")
+    target[:100] = -100
+
+    def grads(scale: float) -> torch.Tensor:
+        x = x0.clone().requires_grad_()
+        loss = liger.LigerFusedLinearCrossEntropyFunction.apply(x, weight, target)[0]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error" if patched else "default")
+        try:
+            (loss * scale).backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        return x.grad
+
+    original = liger.fused_linear_cross_entropy_backward
+    patched = False
+    try:
+        before = [grads(s) for s in (1.0, 0.25)]
+        assert drop_loss_backward_sync()
+        patched = True
+        after = [grads(s) for s in (1.0, 0.25)]  # a synchronisation in backward would raise here
+    finally:
+        liger.fused_linear_cross_entropy_backward = original
+    for b, a in zip(before, after, strict=True):
+        assert torch.equal(a, b)
+    assert not torch.equal(before[0], before[1])
 
 
 def test_a_crashed_rank_restarts_on_spare_workers_that_held_no_gpu_memory(tmp_path: Path) -> None:

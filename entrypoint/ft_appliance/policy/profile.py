@@ -134,8 +134,9 @@ def _choose_attention(profile: Profile, args: Mapping[str, Any], gpu: GpuFacts, 
     elif neat and gpu.flex_available and gpu.compute_capability >= (8, 0):
         profile.tweaks.append(BLOCKDIAG_ATTENTION)
         notes.append(
-            "profile: attention: FlexAttention with a block-sparse mask for neat packing (flash-attn is "
-            "not installed; SDPA would read a dense 4D block-diagonal mask, forward and backward)"
+            "profile: attention: examples kept apart by torch's FlashAttention-2 varlen kernel, or by "
+            "FlexAttention with a block-sparse mask where torch lacks it (flash-attn is not installed; SDPA "
+            "would read a dense 4D block-diagonal mask, forward and backward)"
         )
     else:
         notes.append("profile: flash_attn: auto (SDPA; flash-attn is not installed)")

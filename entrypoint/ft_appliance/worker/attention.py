@@ -1,22 +1,45 @@
-"""Block-diagonal causal attention for neat packing, on torch's FlexAttention with a block-sparse mask.
+"""Block-diagonal causal attention for neat packing: torch's own FlashAttention-2 varlen kernel, and
+FlexAttention with a block-sparse mask where torch lacks it.
 
 LlamaFactory keeps packed examples apart (`neat_packing`) with FlashAttention-2's varlen kernel when
 the flash-attn package is installed, and otherwise with a dense 4D block-diagonal mask that SDPA has to
-read in full, forward and backward. FlexAttention instead takes the mask as a rule (same example and
-not in the future) compiled into a block-sparse kernel that skips every tile outside an example. The
-worker registers it with transformers' AttentionInterface and switches the loaded model to it.
+read in full, forward and backward. The worker registers this module's function with transformers'
+AttentionInterface and switches the loaded model to it. The kernels, fastest first:
+
+- varlen: the packed rows are flattened into one run of B·L tokens cut at every example, and
+  torch.nn.attention.varlen (FlashAttention-2 built into torch >= 2.10) attends causally within each
+  piece. No mask is built or read, nothing outside an example is computed, and nothing is compiled:
+  FlexAttention compiled a kernel and a block mask per micro-batch size, and on an empty cache
+  autotune's probes paid for every size (docs/benchmarks.md).
+- flex: FlexAttention, the rule "same example and not in the future" compiled into a block-sparse
+  kernel that skips every tile outside an example.
 
 Example boundaries come from `position_ids`, which LlamaFactory's neat packing restarts at 0 for every
-example; the 4D mask LlamaFactory still builds is not read on this path (the worker's token counter
-reads it). Anything this path does not cover (no CUDA kernel, no position_ids, dropout, sliding
-windows, soft caps, decoding) falls back to transformers' SDPA function with the mask it was given.
+example (and sets to 0 for every pad token); the 4D mask LlamaFactory still builds is not read on this
+path (the worker's token counter reads it). Anything this path does not cover (no CUDA kernel, no
+position_ids, dropout, sliding windows, soft caps, decoding) falls back to transformers' SDPA function
+with the mask it was given. A kernel that fails at its first call hands over to the next one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 NAME = "ft_blockdiag"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One way to compute the attention. `layout(position_ids)` runs once per forward (every layer gets
+    the same position_ids tensor); `attend(query, key, value, layout, scale)` once per layer, with query
+    (B, H, L, D) and key, value (B, Hkv, L, D) in and (B, L, H, D) out."""
+
+    name: str
+    layout: Callable[[Any], Any]
+    attend: Callable[[Any, Any, Any, Any, float | None], Any]
+    cuda_only: bool = True
 
 
 def flex_available() -> bool:
@@ -28,14 +51,88 @@ def flex_available() -> bool:
     return torch.cuda.is_available()
 
 
+def varlen_available() -> bool:
+    """torch's varlen_attn with its backward (torch >= 2.10) on a GPU FlashAttention-2 runs on (sm80+)."""
+    try:
+        import torch
+        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
 def example_ids(position_ids: Any) -> Any:
     """(B, L) index of the example each token belongs to: a new one wherever position_ids is 0."""
     return (position_ids == 0).cumsum(-1)
 
 
+def segments(position_ids: Any) -> tuple[Any, int]:
+    """(cu_seqlens, bound) of the (B, L) rows flattened to B·L tokens: a piece starts at each row's
+    first token and wherever position_ids restarts at 0, except inside a row's trailing padding
+    (LlamaFactory gives every pad token position 0: one piece for the run, not one per token; pads come
+    after every example of their row, so no real token's output changes).
+
+    Worked out on the GPU; the host waits once, for the number of pieces (it sizes the kernel's grid).
+    The row length bounds every piece: the kernel's blocks past a piece's end return at once, and the
+    true longest would be a second wait."""
+    import torch
+
+    zero = position_ids == 0
+    tail = zero.flip(-1).int().cumprod(-1).flip(-1).bool()  # this token and all after it in its row are at 0
+    inside_padding = torch.zeros_like(zero)
+    inside_padding[:, 1:] = tail[:, 1:] & tail[:, :-1]
+    start = zero & ~inside_padding
+    start[:, 0] = True
+    first = start.flatten().nonzero().flatten()
+    end = torch.full((1,), start.numel(), dtype=first.dtype, device=first.device)
+    return torch.cat([first, end]).to(torch.int32), position_ids.shape[1]
+
+
+def _flat(t: Any) -> Any:
+    """(B, H, L, D) -> (B·L, H, D); a view when the projection's (B, L, H, D) layout is underneath."""
+    b, h, length, d = t.shape
+    return t.transpose(1, 2).reshape(b * length, h, d)
+
+
+def varlen_kernel() -> Kernel:
+    from torch.nn.attention.varlen import varlen_attn
+
+    def attend(query: Any, key: Any, value: Any, layout: Any, scale: float | None) -> Any:
+        cu, bound = layout  # segments(): the row length, no piece longer
+        b, h, length, d = query.shape
+        # window (-1, 0) is causal; the kernel takes grouped key/value heads as they are
+        out = varlen_attn(
+            _flat(query), _flat(key), _flat(value), cu, cu, bound, bound, scale=scale, window_size=(-1, 0)
+        )
+        return out.view(b, length, h, d)
+
+    return Kernel("varlen", segments, attend)
+
+
+def reference_varlen_kernel() -> Kernel:
+    """The varlen kernel's layout and shapes with SDPA per piece in place of FlashAttention: CPU tests
+    run the same segmentation and flattening as the GPU path."""
+    import torch
+    import torch.nn.functional as F
+
+    def attend(query: Any, key: Any, value: Any, layout: Any, scale: float | None) -> Any:
+        cu, _ = layout
+        b, h, length, d = query.shape
+        q, k, v = _flat(query), _flat(key), _flat(value)
+        groups = h // k.shape[1]
+        pieces = []
+        for lo, hi in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+            qs, ks, vs = (t[lo:hi].transpose(0, 1) for t in (q, k, v))
+            ks, vs = ks.repeat_interleave(groups, dim=0), vs.repeat_interleave(groups, dim=0)
+            pieces.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
+        return torch.cat(pieces).view(b, length, h, d)
+
+    return Kernel("reference-varlen", segments, attend, cuda_only=False)
+
+
 def reference_kernel(query: Any, key: Any, value: Any, examples: Any, scale: float | None) -> Any:
     """Exact block-diagonal causal attention by SDPA with a dense boolean mask, (B, H, L, D) in and out:
-    the slow, obvious version, for CPU tests and to check the fast one against."""
+    the slow, obvious version, for CPU tests and to check the fast ones against."""
     import torch
     import torch.nn.functional as F
 
@@ -47,27 +144,36 @@ def reference_kernel(query: Any, key: Any, value: Any, examples: Any, scale: flo
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scale)
 
 
-def flex_kernel() -> Any:
-    """FlexAttention, compiled once per process; the block mask is built once per forward (every
-    layer gets the same example ids), not once per layer."""
+def dense_kernel() -> Kernel:
+    """reference_kernel as a Kernel: CPU tests of the path around it."""
+
+    def attend(query: Any, key: Any, value: Any, examples: Any, scale: float | None) -> Any:
+        return reference_kernel(query, key, value, examples, scale).transpose(1, 2).contiguous()
+
+    return Kernel("dense", example_ids, attend, cuda_only=False)
+
+
+def flex_kernel() -> Kernel:
+    """FlexAttention, compiled once per process; the block mask is built once per forward."""
     import torch
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     compiled = torch.compile(flex_attention, dynamic=False)
-    last: dict[str, Any] = {"examples": None, "block": None}
 
-    def call(query: Any, key: Any, value: Any, examples: Any, scale: float | None) -> Any:
-        if last["examples"] is not examples:
+    def layout(position_ids: Any) -> Any:
+        examples = example_ids(position_ids)
 
-            def same_example_causal(b: Any, _h: Any, q: Any, kv: Any) -> Any:
-                return (examples[b, q] == examples[b, kv]) & (q >= kv)
+        def same_example_causal(b: Any, _h: Any, q: Any, kv: Any) -> Any:
+            return (examples[b, q] == examples[b, kv]) & (q >= kv)
 
-            batch, _, length, _ = query.shape
-            last["block"] = _block_mask(create_block_mask, same_example_causal, batch, length, query.device)
-            last["examples"] = examples
-        return compiled(query, key, value, block_mask=last["block"], scale=scale, enable_gqa=True)
+        batch, length = position_ids.shape
+        return _block_mask(create_block_mask, same_example_causal, batch, length, position_ids.device)
 
-    return call
+    def attend(query: Any, key: Any, value: Any, block: Any, scale: float | None) -> Any:
+        out = compiled(query, key, value, block_mask=block, scale=scale, enable_gqa=True)
+        return out.transpose(1, 2).contiguous()
+
+    return Kernel("flex", layout, attend)
 
 
 def _block_mask(create: Any, mask_mod: Any, batch: int, length: int, device: Any) -> Any:
@@ -91,16 +197,16 @@ _mask = _Mask()
 
 
 class _State:
-    kernel: Any = None
+    kernels: tuple[Kernel, ...] = ()
+    """Fastest first; a kernel that fails at its first call is dropped and the next one tried (a
+    compiler or a kernel build this machine lacks), so a restart does not fail the same way again."""
     fallback: Any = None
     """transformers' SDPA attention function, bound once at registration (not imported per call)."""
-    cuda_only = True
     position_ids: Any = None
-    examples: Any = None
+    layout: Any = None
+    """The current kernel's layout for `position_ids` (held, so no other tensor can take its id)."""
     proven = False
-    """The kernel has run once; before that a failure (a compiler that cannot build it on this
-    machine) turns the path off instead of failing every restart the same way."""
-    broken = False
+    """The current kernel has run once."""
 
 
 _state = _State()
@@ -119,9 +225,10 @@ def blockdiag_attention_forward(
     """transformers' attention-function signature: query (B, H, L, D), key/value (B, Hkv, L, D);
     returns ((B, L, H, D), None)."""
     position_ids = kwargs.get("position_ids")
+    kernel = _state.kernels[0] if _state.kernels else None
     unsupported = (
-        _state.broken
-        or (_state.cuda_only and not query.is_cuda)
+        kernel is None
+        or (kernel.cuda_only and not query.is_cuda)
         or position_ids is None
         or position_ids.shape != (query.shape[0], query.shape[2])
         or (dropout and module.training)
@@ -131,41 +238,64 @@ def blockdiag_attention_forward(
     )
     if unsupported:
         return _state.fallback(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    # Every layer of one forward gets the same position_ids tensor: derive the examples once.
-    if _state.position_ids is not position_ids:
-        _state.position_ids, _state.examples = position_ids, example_ids(position_ids)
     if _state.proven:
-        out = _state.kernel(query, key, value, _state.examples, scaling)
-    else:
-        import torch
+        return _attend(kernel, query, key, value, position_ids, scaling), None
+    import torch
 
-        try:
-            out = _state.kernel(query, key, value, _state.examples, scaling)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - any compiler failure: keep training on SDPA
-            print(f"[ft-appliance worker] block-diagonal attention failed, SDPA kept: {exc!r:.300}", flush=True)
-            _state.broken = True
-            return _state.fallback(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-        _state.proven = True
-    return out.transpose(1, 2).contiguous(), None
+    try:
+        out = _attend(kernel, query, key, value, position_ids, scaling)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any kernel or compiler failure: the next kernel, or SDPA
+        _state.kernels, _state.position_ids, _state.layout = _state.kernels[1:], None, None
+        after = _state.kernels[0].name if _state.kernels else "SDPA"
+        print(
+            f"[ft-appliance worker] attention kernel {kernel.name} failed, {after} takes over: {exc!r:.300}", flush=True
+        )
+        return blockdiag_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    _state.proven = True
+    return out, None
 
 
-def register(kernel: Any = None) -> None:
-    """Make NAME a transformers attention implementation (its masks: SDPA's, for the fallback).
+def _attend(kernel: Kernel, query: Any, key: Any, value: Any, position_ids: Any, scale: float | None) -> Any:
+    if _state.position_ids is not position_ids:  # the first layer of a forward
+        _state.layout, _state.position_ids = kernel.layout(position_ids), position_ids
+    return kernel.attend(query, key, value, _state.layout, scale)
 
-    kernel(query, key, value, example_ids, scale) defaults to FlexAttention on CUDA; the tests pass
-    `reference_kernel` to run the same path on CPU.
-    """
+
+KERNELS = {"varlen": (varlen_available, varlen_kernel), "flex": (flex_available, flex_kernel)}
+DEFAULT_ORDER = "varlen,flex"
+
+
+def kernel_order(text: str | None) -> tuple[str, ...]:
+    """FT_ATTENTION_KERNELS (names, comma-separated, in the order to try; benchmarks/ compares them in
+    one run): the known names it lists, or the default order when it lists none."""
+    names = tuple(n for n in dict.fromkeys((text or "").replace(" ", "").split(",")) if n in KERNELS)
+    return names or tuple(DEFAULT_ORDER.split(","))
+
+
+def default_kernels() -> tuple[Kernel, ...]:
+    """The kernels this machine can run, in FT_ATTENTION_KERNELS's order (empty: SDPA only)."""
+    import os
+
+    order = kernel_order(os.environ.get("FT_ATTENTION_KERNELS"))
+    return tuple(KERNELS[n][1]() for n in order if KERNELS[n][0]())
+
+
+def register(kernels: tuple[Kernel, ...] | None = None) -> tuple[Kernel, ...]:
+    """Make NAME a transformers attention implementation (its masks: SDPA's, for the fallback), running
+    `kernels` (default_kernels() unless given: the tests pass CPU ones). Returns the kernels."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     _state.fallback = sdpa_attention_forward
-    _state.kernel, _state.cuda_only = (kernel, False) if kernel is not None else (flex_kernel(), True)
-    _state.proven = _state.broken = False
+    _state.kernels = default_kernels() if kernels is None else tuple(kernels)
+    _state.position_ids = _state.layout = None
+    _state.proven = False
     AttentionInterface.register(NAME, blockdiag_attention_forward)
     AttentionMaskInterface.register(NAME, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    return _state.kernels
 
 
 def use_blockdiag(model: Any) -> str:

@@ -291,11 +291,11 @@ def apply_tweaks(model: Any, tweaks: tuple[str, ...]) -> dict[str, str]:
 
     done: dict[str, str] = {}
     if BLOCKDIAG_ATTENTION in tweaks:
-        if attention.flex_available():
-            attention.register()
-            done[BLOCKDIAG_ATTENTION] = f"{attention.use_blockdiag(model)} -> {attention.NAME}"
+        if kernels := attention.register():
+            names = ", then ".join(k.name for k in kernels)
+            done[BLOCKDIAG_ATTENTION] = f"{attention.use_blockdiag(model)} -> {attention.NAME} ({names})"
         else:
-            done[BLOCKDIAG_ATTENTION] = "skipped: FlexAttention unavailable, SDPA kept"
+            done[BLOCKDIAG_ATTENTION] = "skipped: no varlen or FlexAttention kernel here, SDPA kept"
     if LORA_INPUTS in tweaks:
         done[LORA_INPUTS] = f"{lora.keep_lora_inputs_in_compute_dtype(model)} LoRA layers"
     if LORA_FUSED in tweaks:  # first: add_lora_in_gemm then takes only the layers it left

@@ -1,6 +1,6 @@
 """The block-diagonal attention path, on CPU: the same model, the same packed batch, once with
 LlamaFactory's 4D block-diagonal mask under SDPA and once through the appliance's attention function
-(with the reference kernel standing in for the CUDA FlexAttention one; tests/gpu checks that)."""
+(with CPU kernels standing in for the CUDA varlen and FlexAttention ones; tests/gpu checks those)."""
 
 from __future__ import annotations
 
@@ -55,6 +55,35 @@ def test_examples_start_wherever_position_ids_restart() -> None:
     assert ids.tolist() == [[1, 1, 1, 2, 2, 3, 4], [1, 1, 1, 1, 2, 2, 2]]
 
 
+def test_pieces_start_at_rows_and_examples_and_a_rows_padding_is_one_piece() -> None:
+    position_ids = torch.tensor(
+        [
+            [0, 1, 2, 0, 1, 0, 0, 0],  # examples of 3 and 2, then three pad tokens (position 0 each)
+            [0, 1, 2, 3, 0, 0, 1, 2],  # a one-token example between two longer ones: its own piece
+            [3, 4, 5, 6, 7, 8, 9, 10],  # a row that does not start at 0 still starts a piece
+        ]
+    )
+    cu, bound = attention.segments(position_ids)
+    assert cu.dtype == torch.int32
+    assert cu.tolist() == [0, 3, 5, 8, 12, 13, 16, 24]
+    assert bound == 8  # the row length: no piece is longer
+
+
+@pytest.mark.parametrize(
+    ("text", "order"),
+    [
+        (None, ("varlen", "flex")),
+        ("", ("varlen", "flex")),
+        ("flex", ("flex",)),
+        ("flex, varlen", ("flex", "varlen")),
+        ("flex,flex,cudnn", ("flex",)),  # repeats and unknown names dropped
+        ("cudnn", ("varlen", "flex")),
+    ],
+)
+def test_the_kernel_order_comes_from_ft_attention_kernels(text: str | None, order: tuple[str, ...]) -> None:
+    assert attention.kernel_order(text) == order
+
+
 def test_reference_kernel_keeps_examples_apart_and_causal() -> None:
     torch.manual_seed(1)
     q, k, v = torch.randn(1, 4, 9, 8), torch.randn(1, 2, 9, 8), torch.randn(1, 2, 9, 8)
@@ -69,7 +98,10 @@ def test_reference_kernel_keeps_examples_apart_and_causal() -> None:
     torch.testing.assert_close(attention.reference_kernel(q, k, v2, examples, None)[:, :, :8], out[:, :, :8])
 
 
-def test_blockdiag_path_matches_llamafactory_block_diagonal_mask(model: LlamaForCausalLM) -> None:
+@pytest.mark.parametrize(
+    "kernel", [attention.dense_kernel(), attention.reference_varlen_kernel()], ids=lambda k: k.name
+)
+def test_blockdiag_path_matches_llamafactory_block_diagonal_mask(model: LlamaForCausalLM, kernel) -> None:  # noqa: ANN001
     batch = packed_batch()
     real = batch["segment_mask"] > 0
     mask4d = prepare_4d_attention_mask(batch["segment_mask"], torch.float32)
@@ -77,7 +109,7 @@ def test_blockdiag_path_matches_llamafactory_block_diagonal_mask(model: LlamaFor
         model.set_attn_implementation("sdpa")
         expected = model(input_ids=batch["input_ids"], attention_mask=mask4d, position_ids=batch["position_ids"])
         plain = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"])  # packs attend across
-        attention.register(kernel=attention.reference_kernel)
+        attention.register((kernel,))
         assert attention.use_blockdiag(model) == "sdpa"
         assert model.config._attn_implementation == attention.NAME
         got = model(input_ids=batch["input_ids"], attention_mask=mask4d, position_ids=batch["position_ids"])
@@ -85,6 +117,28 @@ def test_blockdiag_path_matches_llamafactory_block_diagonal_mask(model: LlamaFor
     torch.testing.assert_close(got.logits[real], expected.logits[real], atol=1e-5, rtol=1e-5)
     # and the comparison means something: without the block-diagonal mask the logits differ
     assert not torch.allclose(plain.logits[real], expected.logits[real], atol=1e-3)
+
+
+def test_the_varlen_layout_gives_the_dense_masks_gradients(model: LlamaForCausalLM) -> None:
+    """Backward through the flattened pieces: every weight's gradient as under LlamaFactory's mask."""
+    batch = packed_batch()
+    labels = batch["input_ids"].masked_fill(batch["segment_mask"] == 0, -100)
+    mask4d = prepare_4d_attention_mask(batch["segment_mask"], torch.float32)
+    grads = []
+    for impl in ("sdpa", attention.NAME):
+        attention.register((attention.reference_varlen_kernel(),))
+        model.set_attn_implementation(impl)
+        model.zero_grad()
+        model(
+            input_ids=batch["input_ids"], attention_mask=mask4d, position_ids=batch["position_ids"], labels=labels
+        ).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    model.set_attn_implementation("sdpa")
+    model.zero_grad()
+    assert grads[0].keys() == grads[1].keys()
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-4, msg=name)
+    assert grads[0]["model.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
 
 
 def test_cpu_tensors_fall_back_to_sdpa(model: LlamaForCausalLM) -> None:
@@ -99,8 +153,9 @@ def test_cpu_tensors_fall_back_to_sdpa(model: LlamaForCausalLM) -> None:
     torch.testing.assert_close(got, expected)
 
 
-def test_a_kernel_that_cannot_run_turns_the_path_off_and_sdpa_takes_over(model: LlamaForCausalLM) -> None:
+def test_a_kernel_that_cannot_run_hands_over_to_the_next_then_to_sdpa(model: LlamaForCausalLM) -> None:
     batch = packed_batch()
+    real = batch["segment_mask"] > 0
     mask4d = prepare_4d_attention_mask(batch["segment_mask"], torch.float32)
     calls = []
 
@@ -108,17 +163,27 @@ def test_a_kernel_that_cannot_run_turns_the_path_off_and_sdpa_takes_over(model: 
         calls.append(1)
         raise RuntimeError("triton: no compiler for this machine")
 
+    broken = attention.Kernel("broken", attention.example_ids, failing, cuda_only=False)
+
+    def forward() -> torch.Tensor:
+        return model(input_ids=batch["input_ids"], attention_mask=mask4d, position_ids=batch["position_ids"]).logits
+
     with torch.no_grad():
         model.set_attn_implementation("sdpa")
-        expected = model(input_ids=batch["input_ids"], attention_mask=mask4d, position_ids=batch["position_ids"])
-        attention.register(kernel=failing)
+        expected = forward()
+        attention.register((broken, attention.reference_varlen_kernel()))
         attention.use_blockdiag(model)
-        got = model(input_ids=batch["input_ids"], attention_mask=mask4d, position_ids=batch["position_ids"])
-        again = model(input_ids=batch["input_ids"], attention_mask=mask4d, position_ids=batch["position_ids"])
+        got, again = forward(), forward()
+        assert [k.name for k in attention._state.kernels] == ["reference-varlen"]
+        attention.register((broken,))
+        alone, alone_again = forward(), forward()
+        assert attention._state.kernels == ()
         model.set_attn_implementation("sdpa")
-    assert len(calls) == 1  # tried once, then never again
-    torch.testing.assert_close(got.logits, expected.logits)
-    torch.testing.assert_close(again.logits, expected.logits)
+    assert len(calls) == 2  # each registration tried it once, then never again
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again[real], expected[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(alone, expected)  # SDPA with the 4D mask: the very same function
+    torch.testing.assert_close(alone_again, expected)
 
 
 def test_the_compiled_block_mask_is_the_eager_one() -> None:

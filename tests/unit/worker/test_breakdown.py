@@ -40,6 +40,14 @@ def work(name: str, op: str = "", shapes: tuple = (), around: tuple = (), dur: f
         (work("nvjet_tst_128x256", "aten::mm", ((TOKENS, H), (H, V))), HEAD),
         (work("triton_tem_fused_flex_attention_0", "aten::empty", (), ("FlexAttentionHOP",)), ATTENTION),
         (work("triton_tem_fused_0", "", (), ("flex_attention_backward",)), ATTENTION),
+        (
+            work("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<128", "aten::_flash_attention_forward"),
+            ATTENTION,
+        ),
+        (
+            work("void pytorch_flash::flash_bwd_convert_dq_kernel", "", (), ("torch_attn::_varlen_attn_backward",)),
+            ATTENTION,
+        ),
         (work("cudnn_generated_fort_native_sdpa_sm90", "aten::_scaled_dot_product_cudnn_attention"), ATTENTION),
         (work("_rms_norm_forward_kernel", "triton"), FUSED),
         (work("_swiglu_backward_kernel", "triton"), FUSED),
