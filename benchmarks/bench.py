@@ -379,6 +379,13 @@ def startup_breakdown(events: list[dict], steps_rec: list[dict], attempt: int) -
         "imports_to_train_begin (model load, data, LoRA)": begin["time"] - imports["time"],
         "first_step": first["time"] - begin["time"],
     }
+    # Its parts (worker/setup_clock.py); the rest of imports_to_train_begin is the Trainer's setup.
+    setup = begin.get("data", {}).get("setup", {})
+    out |= {f"  {phase}": seconds for phase, seconds in setup.items()}
+    if setup:
+        out["  trainer setup (optimizer, resumed state)"] = out[
+            "imports_to_train_begin (model load, data, LoRA)"
+        ] - sum(setup.values())
     return {k: round(v, 1) for k, v in out.items()}
 
 

@@ -80,6 +80,12 @@ def test_sigkill_of_a_worker_mid_step_restarts_from_newest_complete(make_config,
     events = read_jsonl(out / ".ft" / "events.jsonl")
     begun = [e for e in events if e.get("event") == "worker_imports" and e["attempt"] == 2]
     assert begun and begun[0]["data"]["spare"] is True
+    # Both attempts timed their setup phases (worker/setup_clock.py), the spare's too.
+    for attempt in (1, 2):
+        began = [e for e in events if e.get("event") == "train_begin" and e["attempt"] == attempt]
+        setup = began[0]["data"]["setup"]
+        assert set(setup) == {"load_tokenizer", "get_dataset", "load_model"}, setup
+        assert all(s > 0 for s in setup.values()), setup
 
     newest_complete = max(s for s in marked_steps(out) if s <= killed_at + 1)
     assert resumed_from(out, 2) in {f"checkpoint-{newest_complete}", f"checkpoint-{newest_complete - 10}"}

@@ -59,7 +59,9 @@ class StepCallback(TrainerCallback):
         if self.ctx.stop.signum:
             raise StopRequested(f"stop requested before step {state.global_step + 1}")
         self.step_started = time.monotonic()
-        self.ctx.event("train_begin", step=state.global_step, max_steps=state.max_steps)
+        self.ctx.event(
+            "train_begin", step=state.global_step, max_steps=state.max_steps, setup=dict(self.ctx.setup_seconds)
+        )
 
     def _count_tokens(self, _module: Any, args: tuple, kwargs: dict) -> None:
         # Real (non-padding) tokens, counted here: the Trainer's counter includes padding under

@@ -40,6 +40,8 @@ class WorkerContext:
     tokens: TokenCount = field(default_factory=TokenCount)
     saver: Any = None
     """worker/saves.BackgroundSaver when this run's checkpoints are written in the background."""
+    setup_seconds: dict[str, float] = field(default_factory=dict)
+    """worker/setup_clock's phases (tokenizer, data, model) of this attempt, for its train_begin event."""
 
     def event(self, name: str, **data: Any) -> None:
         if self.rank == 0:

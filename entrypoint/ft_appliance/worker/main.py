@@ -155,6 +155,9 @@ def _train(ctx: WorkerContext, run: RunFile, started: float, spare: bool) -> int
             data = {"main_start": started, "imported": time.time(), "spare": spare}
             append_record(ctx.sd.events, Event("worker_imports", run.attempt, time.time(), data))
         from .callbacks import build_callbacks  # imports transformers: after the stop check
+        from .setup_clock import SetupClock
+
+        SetupClock(ctx.setup_seconds).install()
 
         if run.autotune is not None:
             from . import autotune
