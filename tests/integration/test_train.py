@@ -48,6 +48,8 @@ def test_train_two_processes_end_to_end(make_config) -> None:
     assert status(out)["state"] == "finished"
     assert "finished: 20/20 steps" in res.stderr
     assert "loss " in res.stderr and "tok/s" in res.stderr
+    lines = [line for line in res.stderr.splitlines() if "tok/s" in line and "ETA" in line]
+    assert lines and all(a != b for a, b in zip(lines, lines[1:], strict=False)), lines  # none said twice
     table = (trace / "trace.txt").read_text()
     assert table.startswith("2 steps: wall ") and "aten::mm" in table
     # Where the steps' CPU time went: the tiny Llama's base and LoRA (rank 8) matmuls, attention, the

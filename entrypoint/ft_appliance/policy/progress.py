@@ -102,6 +102,16 @@ def format_progress(p: Progress) -> str:
     )
 
 
+LINE_EVERY_S = 30.0
+"""The progress line is said again after this long even when nothing changed: the run is alive."""
+
+
+def line_due(text: str, last_text: str, since_last_s: float, every_s: float = LINE_EVERY_S) -> bool:
+    """Say the progress line when it changed, or when it has not been said for every_s. A log with
+    nothing new for the line (LlamaFactory's end-of-training summary) does not repeat it."""
+    return bool(text) and (text != last_text or since_last_s > every_s)
+
+
 def steps_lost(crashed_at: int | None, resumed_from: int) -> int:
     """Optimizer steps a crash threw away: done before it, redone after it."""
     return max(0, (crashed_at or 0) - resumed_from)

@@ -16,7 +16,7 @@ from typing import Any
 from ..config.plan import Plan
 from ..policy.checkpoints import Candidate, choose_resume, to_set_aside
 from ..policy.console import message_key, shown
-from ..policy.progress import format_progress
+from ..policy.progress import LINE_EVERY_S, format_progress, line_due
 from ..policy.timeouts import attempt_timeout, data_key
 from ..policy.watch import Limits, decide
 from ..state import checkpoints
@@ -43,7 +43,6 @@ from .signals import Shutdown
 from .spare import WarmPool
 from .status import StatusWriter
 
-PROGRESS_LINE_EVERY_S = 30.0
 # Less free space than this on the output volume when an attempt failed: the volume is what failed.
 FULL_BELOW_BYTES = 16 * 2**20
 
@@ -207,7 +206,7 @@ class Attempt:
         launched = last_progress = time.monotonic()
         last_step: int | None = None
         beat_seq: int | None = None
-        last_line = 0.0
+        last_line, last_text = 0.0, ""
         while proc.poll() is None:
             if self.shutdown.requested:
                 self.say(
@@ -239,9 +238,12 @@ class Attempt:
                 )
                 proc.kill_tree()
                 return True, 0
-            if last_step is not None and (new_logs or now - last_line > PROGRESS_LINE_EVERY_S):
-                last_line = now
-                self._progress_line()
+            if last_step is not None and (new_logs or now - last_line > LINE_EVERY_S):
+                text = self._progress_text()
+                if line_due(text, last_text, now - last_line):
+                    self.say(text)
+                    last_line, last_text = now, text
+                self.status.write(RunState.TRAINING)
             self.status.heartbeat()
             self.shutdown.wait(0.5)
         return False, 0
@@ -285,11 +287,9 @@ class Attempt:
             return True
         return False
 
-    def _progress_line(self) -> None:
+    def _progress_text(self) -> str:
         p = self.status.progress()
-        if p is not None:
-            self.say(format_progress(p))
-            self.status.write(RunState.TRAINING)
+        return format_progress(p) if p is not None else ""
 
     def outcome(self, rc: int | None, start_step: int, hung: bool, stop_sig: int) -> AttemptOutcome:
         self.status.refresh()  # the steps written while the tree stopped

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ft_appliance.policy.progress import format_duration, format_progress, progress_of, steps_lost
+from ft_appliance.policy.progress import format_duration, format_progress, line_due, progress_of, steps_lost
 from ft_appliance.state.records import LogRecord, StepRecord
 
 
@@ -50,3 +50,15 @@ def test_formatting() -> None:
     p = progress([step(1, 5)], [log(1, 5, 1.23456)])
     assert format_progress(p) == "step 5/20 (25%)  loss 1.2346  100 tok/s  1.00 s/step  ETA 0:15"
     assert steps_lost(17, 10) == 7 and steps_lost(None, 0) == 0 and steps_lost(10, 10) == 0
+
+
+def test_progress_line_is_said_when_it_changed_or_after_a_quiet_while() -> None:
+    rows = [  # text, last said, seconds since, due
+        ("step 3/3  loss 1.0", "", 0.0, True),  # the first line
+        ("step 3/3  loss 1.0", "step 2/3  loss 1.1", 0.4, True),  # changed
+        ("step 3/3  loss 1.0", "step 3/3  loss 1.0", 0.5, False),  # the end-of-training log: nothing new
+        ("step 3/3  loss 1.0", "step 3/3  loss 1.0", 31.0, True),  # alive, said again
+        ("", "step 3/3  loss 1.0", 31.0, False),  # no progress to say
+    ]
+    for text, last, since, due in rows:
+        assert line_due(text, last, since, every_s=30.0) is due, (text, last, since)
