@@ -324,7 +324,7 @@ def run_case(
         result["launch_to_first_step_s"] = round(first["time"] - t0 - first["seconds"], 1)  # the step begins
         result["launch_to_first_step_done_s"] = round(first["time"] - t0, 1)
         result["first_step_s"] = first["seconds"]
-        result["startup"] = startup_breakdown(events, steps_rec, attempt=1)
+        result["startup"] = startup_breakdown(events, steps_rec, attempt=1, cli_start=t0)
         tuned = [e for e in events if e.get("event") == "autotune"]
         if tuned:  # the workers' decision, each size's timing and peak, and what the probes cost
             result["autotune"] = {k: tuned[0].get(k) for k in ("source", "micro", "reason", "seconds", "probes")}
@@ -354,20 +354,15 @@ def _after_save(steps_rec: list[dict], saved: set[int], steady: float) -> float 
     return round(sum(after) / len(after) - steady, 3) if after else None
 
 
-def startup_breakdown(events: list[dict], steps_rec: list[dict], attempt: int) -> dict:
-    """Seconds spent in each phase from the CLI's start to the end of the attempt's first step."""
+def startup_breakdown(events: list[dict], steps_rec: list[dict], attempt: int, cli_start: float | None = None) -> dict:
+    """Seconds spent in each phase from the CLI's start (the first attempt: when bench.py started the
+    CLI) to the end of the attempt's first step."""
     ev = {e["event"]: e for e in events if e.get("attempt") == attempt}
     first = next((r for r in steps_rec if r["attempt"] == attempt), None)
     if not {"launch", "worker_imports", "train_begin"} <= ev.keys() or first is None:
         return {}
     launch, imports, begin = ev["launch"], ev["worker_imports"], ev["train_begin"]
-    out = (
-        {}
-        if attempt > 1
-        else {
-            "cli_to_launch (imports, preflight)": launch["time"] - (launch.get("cli_start") or launch["time"]),
-        }
-    )
+    out = {} if cli_start is None else {"cli_to_launch (imports, preflight)": launch["time"] - cli_start}
     # A spare started and imported before the launch: those phases take no time then.
     marks = imports.get("data", {})  # the Event record's own numbers (state/records.py)
     started = max(marks.get("main_start", imports["time"]), launch["time"])
@@ -433,6 +428,7 @@ def main() -> None:
     os.environ.setdefault("TRITON_CACHE_DIR", str(a.workdir / "triton"))
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(a.workdir / "inductor"))
     if a.tiny:  # CPU: the tiny model, short examples, fp32, every core's process
+        os.environ.setdefault("FT_NPROC", "2")  # no GPU to count: the CLI asks for the process count
         extra = {"bf16": False, "cutoff_len": 256, "preprocessing_num_workers": 2, "dataloader_num_workers": 0, **extra}
     models = tuple(dict.fromkeys(CASES[c][1].get("model", "llama-8b-random") for c in a.cases))
     build(a.workdir, tiny=a.tiny, models=models)
