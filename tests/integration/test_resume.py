@@ -307,12 +307,14 @@ def test_crash_loop_is_detected_across_container_restarts(make_config) -> None:
     assert len(attempts(out)) == 3
 
 
-def test_a_spare_leaves_when_its_supervisor_is_gone(tmp_path: Path) -> None:
-    """A supervisor killed on its own (not the container) must not leave idle spares behind."""
+@pytest.mark.parametrize("extra", [[], ["--deepspeed"]], ids=["plain", "deepspeed-imported-ahead"])
+def test_a_spare_leaves_when_its_supervisor_is_gone(tmp_path: Path, extra: list[str]) -> None:
+    """A supervisor killed on its own (not the container) must not leave idle spares behind; a
+    DeepSpeed run's spare, which imports deepspeed too before it is ready, the same."""
     supervisor = subprocess.Popen(["sleep", "300"])
     go = tmp_path / "go.json"
     spare = subprocess.Popen(
-        [sys.executable, "-m", "ft_appliance.worker", "--spare", str(go)],
+        [sys.executable, "-m", "ft_appliance.worker", "--spare", str(go), *extra],
         env={**os.environ, "FT_SUPERVISOR_PID": str(supervisor.pid)},
     )
     try:

@@ -111,6 +111,7 @@ def build_spare(
     """Workers (under torchrun, as the attempt's would be) that import the stack and wait for go_file,
     to become the next attempt."""
     module = base_env.get(WORKER_MODULE_ENV) or WORKER_MODULE
-    argv = launch_argv(plan, master_port, ["--spare", str(go_file)], module)
+    extra = ["--deepspeed"] if plan.args.get("deepspeed") else []  # the spare imports it while it waits
+    argv = launch_argv(plan, master_port, ["--spare", str(go_file), *extra], module)
     env = _env(base_env, supervisor_pid)
     return LaunchSpec(argv=argv, env=env, cwd=plan.workdir, log_path=log_path, torchrun=needs_torchrun(plan))

@@ -2,8 +2,9 @@
 callbacks (checkpoint markers, progress, beats, graceful stop).
 
 `python -m ft_appliance.worker RUN_FILE` trains the attempt described by RUN_FILE (a RunFile).
-`python -m ft_appliance.worker --spare GO_FILE` is a spare: it imports the stack (most of a restart's
-time), then waits until the supervisor writes GO_FILE (a GoFile) and runs that attempt.
+`python -m ft_appliance.worker --spare GO_FILE [--deepspeed]` is a spare: it imports the stack (most of
+a restart's time; deepspeed too for a DeepSpeed run), then waits until the supervisor writes GO_FILE
+(a GoFile) and runs that attempt.
 A worker talks to the supervisor only through the state folder's records and its exit code.
 """
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     spare = argv[0] == "--spare"
     if spare:
-        run_path = _wait_as_spare(Path(argv[1]), supervisor, stop)
+        run_path = _wait_as_spare(Path(argv[1]), supervisor, stop, deepspeed="--deepspeed" in argv[2:])
         if run_path is None:
             return WORKER_EXIT_STOPPED
     else:
@@ -131,9 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     return _train(ctx, run, started, spare)
 
 
-def _wait_as_spare(go_file: Path, supervisor: int, stop: StopFlag) -> Path | None:
+def _wait_as_spare(go_file: Path, supervisor: int, stop: StopFlag, deepspeed: bool) -> Path | None:
     started = time.time()
     _import_stack()
+    if deepspeed:
+        from .deepspeed_import import import_ahead
+
+        import_ahead()
     ready_file(go_file, _rank()).write_text(f"{time.time() - started:.1f}\n")  # import seconds
     return wait_for_go(go_file, supervisor, stop)
 
@@ -155,9 +160,12 @@ def _train(ctx: WorkerContext, run: RunFile, started: float, spare: bool) -> int
             data = {"main_start": started, "imported": time.time(), "spare": spare}
             append_record(ctx.sd.events, Event("worker_imports", run.attempt, time.time(), data))
         from .callbacks import build_callbacks  # imports transformers: after the stop check
+        from .deepspeed_import import skip_engine_lookup, uses_deepspeed
         from .setup_clock import SetupClock
 
         SetupClock(ctx.setup_seconds).install()
+        if not uses_deepspeed(run.args):
+            skip_engine_lookup()
 
         if run.autotune is not None:
             from . import autotune

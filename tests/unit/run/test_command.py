@@ -59,6 +59,10 @@ def test_spare_waits_for_its_go_file_and_knows_its_supervisor(tmp_path: Path) ->
     spec = build_spare(plan, tmp_path / "go.json", tmp_path / "s", 1234, {"PATH": "/bin"}, supervisor_pid=42)
     assert spec.argv[-4:] == ["-m", "ft_appliance.worker", "--spare", str(tmp_path / "go.json")]
     assert spec.env["FT_SUPERVISOR_PID"] == "42"
+    # A DeepSpeed run's spare imports deepspeed while it waits.
+    ds = Plan(tmp_path / "c.yaml", {"output_dir": str(tmp_path), "deepspeed": "ds_z2.json"}, tmp_path, 2, tmp_path)
+    spec = build_spare(ds, tmp_path / "go.json", tmp_path / "s", 1234, {"PATH": "/bin"}, supervisor_pid=42)
+    assert spec.argv[-3:] == ["--spare", str(tmp_path / "go.json"), "--deepspeed"]
 
 
 def test_spare_only_where_a_single_node_can_restart(tmp_path: Path) -> None:
