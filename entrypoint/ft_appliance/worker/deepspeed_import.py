@@ -6,7 +6,7 @@ strips (accelerate 1.11, utils/other.py extract_model_from_parallel). That impor
 inductor and compiles DeepSpeed's scripted helpers: 1.3 s on the CI machine, more on a cold one, at
 every start and restart, on the spare too (it imports only the stack), for runs with no engine to
 strip. A run whose arguments name no DeepSpeed config cannot have one, so the check is left out.
-A run that does use DeepSpeed has its spare import deepspeed while it waits.
+A run that does use DeepSpeed has its spare import deepspeed while it waits (worker/ahead.py).
 """
 
 from __future__ import annotations
@@ -37,8 +37,3 @@ def skip_engine_lookup() -> bool:
 
 def _not_available() -> bool:
     return False
-
-
-def import_ahead() -> None:
-    """For a spare of a DeepSpeed run: the engine's import before the wait, not after the go."""
-    import deepspeed  # noqa: F401

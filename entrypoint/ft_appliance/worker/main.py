@@ -135,10 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 def _wait_as_spare(go_file: Path, supervisor: int, stop: StopFlag, deepspeed: bool) -> Path | None:
     started = time.time()
     _import_stack()
-    if deepspeed:
-        from .deepspeed_import import import_ahead
+    from .ahead import prepare
 
-        import_ahead()
+    prepare(deepspeed)
     ready_file(go_file, _rank()).write_text(f"{time.time() - started:.1f}\n")  # import seconds
     return wait_for_go(go_file, supervisor, stop)
 
