@@ -138,7 +138,7 @@ def _wait_as_spare(go_file: Path, supervisor: int, stop: StopFlag, deepspeed: bo
     from .ahead import prepare
 
     prepare(deepspeed)
-    ready_file(go_file, _rank()).write_text(f"{time.time() - started:.1f}\n")  # import seconds
+    ready_file(go_file, _rank()).write_text(f"{time.time() - started:.1f}\n")  # seconds to ready
     return wait_for_go(go_file, supervisor, stop)
 
 
