@@ -154,11 +154,15 @@ def dense_kernel() -> Kernel:
 
 
 def flex_kernel() -> Kernel:
-    """FlexAttention, compiled once per process; the block mask is built once per forward."""
+    """FlexAttention, compiled once per process at its first call; the block mask is built once per
+    forward. Not at construction: torch.compile imports Inductor (1.2-2 s on the H200 machine), and as
+    varlen's fallback this kernel is built at every start and restart but rarely run."""
+    import functools
+
     import torch
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    compiled = torch.compile(flex_attention, dynamic=False)
+    compiled = functools.cache(lambda: torch.compile(flex_attention, dynamic=False))
 
     def layout(position_ids: Any) -> Any:
         examples = example_ids(position_ids)
@@ -170,7 +174,7 @@ def flex_kernel() -> Kernel:
         return _block_mask(create_block_mask, same_example_causal, batch, length, position_ids.device)
 
     def attend(query: Any, key: Any, value: Any, block: Any, scale: float | None) -> Any:
-        out = compiled(query, key, value, block_mask=block, scale=scale, enable_gqa=True)
+        out = compiled()(query, key, value, block_mask=block, scale=scale, enable_gqa=True)
         return out.transpose(1, 2).contiguous()
 
     return Kernel("flex", layout, attend)

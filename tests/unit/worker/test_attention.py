@@ -203,3 +203,22 @@ def test_the_compiled_block_mask_is_the_eager_one() -> None:
     eager = create_block_mask(rule, examples.shape[0], None, length, length, device="cpu")
     assert torch.equal(compiled.to_dense(), eager.to_dense())
     assert torch.equal(compiled.full_kv_num_blocks, eager.full_kv_num_blocks)
+
+
+FLEX_BUILD = """
+import sys
+from ft_appliance.worker import attention
+kernel = attention.flex_kernel()
+print(kernel.name, "torch._inductor.compile_fx" in sys.modules)
+"""
+
+
+def test_building_the_flex_kernel_leaves_inductor_unimported() -> None:
+    """As varlen's fallback it is built at every start; torch.compile (and Inductor's import, 1.2-2 s on
+    the H200 machine) waits for its first call. A fresh interpreter, the real torch."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", FLEX_BUILD], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["flex", "False"]
