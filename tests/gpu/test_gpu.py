@@ -186,3 +186,15 @@ def test_demo_trains_on_every_visible_gpu(tmp_path: Path) -> None:
         assert "torch.distributed.run" not in launch["argv"]
     if min(g.compute_capability for g in INV.gpus) >= (8, 0):
         assert "precision: bf16" in res.stdout
+
+
+def test_triton_cache_key_is_worked_out_in_the_background() -> None:
+    """worker/ahead.py: the key Triton hashes at its first kernel launch is ready after the thread."""
+    from ft_appliance.worker import ahead
+    from triton.runtime.cache import triton_key
+
+    triton_key.cache_clear()
+    ahead.warm_in_background().join(120)
+    assert triton_key.cache_info().currsize == 1
+    assert ahead.warm_triton()  # from the cache now
+    assert triton_key.cache_info().hits >= 1

@@ -5,9 +5,13 @@ otherwise do first, that depends on no run argument but whether the run uses Dee
 - transformers' auto-model mappings: LlamaFactory's load_model tests the config's type against three
   of them (image-text, seq2seq, text-to-waveform), and a mapping's first keys() resolves every config
   class it lists: 0.6 s on the CI machine, once per process.
+- Triton's cache key (warm_triton): an attempt that is not a spare's works it out in a thread while its
+  model loads (warm_in_background).
 """
 
 from __future__ import annotations
+
+import threading
 
 
 def prepare(deepspeed: bool) -> None:
@@ -15,5 +19,30 @@ def prepare(deepspeed: bool) -> None:
 
     for auto in (AutoModelForImageTextToText, AutoModelForSeq2SeqLM, AutoModelForTextToWaveform):
         auto._model_mapping.keys()
+    warm_triton()
     if deepspeed:
         import deepspeed as _  # noqa: F401
+
+
+def warm_triton() -> bool:
+    """Work out Triton's cache key, which hashes Triton's own sources and libtriton: 0.6 s of the first
+    step on the H200 machine (Liger's first kernel launch), once per process. False without Triton."""
+    try:
+        from triton.runtime.cache import triton_key
+    except ImportError:  # CPU torch comes without Triton
+        return False
+    triton_key()  # functools.lru_cache: the kernels' launches find it
+    return True
+
+
+def warm_in_background() -> threading.Thread:
+    """warm_triton in a daemon thread: hashing and reading files let go of the GIL, and the main thread
+    spends the model's load waiting on transformers' copy threads. Triton is imported here, in the main
+    thread, so that no two threads import one module."""
+    try:
+        import triton.runtime.cache  # noqa: F401
+    except ImportError:
+        pass
+    thread = threading.Thread(target=warm_triton, name="ft-warm-triton", daemon=True)
+    thread.start()
+    return thread
