@@ -149,6 +149,9 @@ def _import_stack() -> Any:
     allow_cpu_device_tags()
     from llamafactory.train.tuner import run_exp  # the stack: most of a start's time
 
+    from .model_lookup import install
+
+    install()  # load_model's Auto-class choice without importing every model's configuration
     # The stack's half a million objects live as long as the process: frozen, they leave the collector's
     # view, so the Trainer's gc.collect() at train start (0.7 s on the H200 machine) and every full
     # collection after it scan only what the run allocates.
