@@ -12,6 +12,7 @@ otherwise do first, that depends on no run argument but whether the run uses Dee
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import threading
 
@@ -25,6 +26,7 @@ def prepare(deepspeed: bool) -> None:
     warm_triton()
     if deepspeed:
         import deepspeed as _  # noqa: F401
+    gc.freeze()  # what these imports added joins the stack's frozen objects (worker/main.py)
 
 
 def warm_triton() -> bool:
