@@ -398,6 +398,20 @@ def table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+# Installed on some machines, not in the image (docker/lock): transformers imports them at every worker
+# start when they are there (1.5-1.8 s of imports on the H200 machines), so a run measures more than
+# the image would.
+NOT_IN_IMAGE = ("sklearn", "scipy")
+
+
+def warn_extra_packages() -> None:
+    import importlib.util
+
+    extra = [name for name in NOT_IN_IMAGE if importlib.util.find_spec(name) is not None]
+    if extra:
+        print(f"bench: {', '.join(extra)} installed here but not in the image: worker imports include them", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/ft-bench"))
@@ -430,6 +444,7 @@ def main() -> None:
     if a.tiny:  # CPU: the tiny model, short examples, fp32, every core's process
         os.environ.setdefault("FT_NPROC", "2")  # no GPU to count: the CLI asks for the process count
         extra = {"bf16": False, "cutoff_len": 256, "preprocessing_num_workers": 2, "dataloader_num_workers": 0, **extra}
+    warn_extra_packages()
     models = tuple(dict.fromkeys(CASES[c][1].get("model", "llama-8b-random") for c in a.cases))
     build(a.workdir, tiny=a.tiny, models=models)
     if not a.no_bytecode:
