@@ -33,7 +33,8 @@ COPY pyproject.toml README.md ./
 COPY entrypoint/ entrypoint/
 RUN --mount=type=bind,source=build/wheelhouse,target=/wheelhouse \
     . /opt/venv/bin/activate && pip install --no-deps --no-build-isolation --no-index . \
-    && python -c "import ft_appliance.cli"
+    && python -c "import ft_appliance.cli" \
+    && python -c "from pathlib import Path; from ft_appliance.preflight.gate import bake; print(bake(Path('/opt/venv/share/ft-appliance')))"
 
 FROM ${BASE_IMAGE}
 ARG FT_UID=1000
@@ -53,6 +54,7 @@ COPY configs/ /opt/ft-appliance/configs/
 ENV PATH=/opt/venv/bin:$PATH \
     FT_DATA=/data \
     FT_EXAMPLES_DIR=/opt/ft-appliance/configs \
+    FT_BAKED_CACHE=/opt/venv/share/ft-appliance \
     FT_HEARTBEAT_FILE=/tmp/ft-appliance.heartbeat \
     HF_HOME=/data/.cache/huggingface \
     TRITON_CACHE_DIR=/data/.cache/triton \

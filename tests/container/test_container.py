@@ -131,6 +131,24 @@ def test_the_stack_starts_from_bytecode_without_compiling_sources(image: str) ->
     assert found["without_bytecode"] == []
 
 
+# A new volume's first check: the schema the image's build baked (FT_BAKED_CACHE), not LlamaFactory's
+# import (8-9 s on a fresh GPU machine; docs/benchmarks.md).
+BAKED_CHECK = """
+import json, sys
+from ft_appliance.preflight.gate import schema_and_templates
+schema, templates = schema_and_templates()
+imported = "llamafactory.hparams" in sys.modules
+print(json.dumps({"imported": imported, "fields": len(schema), "templates": len(templates)}))
+"""
+
+
+def test_a_new_volumes_first_check_reads_the_baked_schema(image: str) -> None:
+    res = sh(*RUN, "--rm", "-e", "HF_HOME=/tmp/new-volume", "--entrypoint", "python", image, "-c", BAKED_CHECK)
+    found = json.loads(res.stdout.strip().splitlines()[-1])
+    assert found["imported"] is False
+    assert found["fields"] > 200 and found["templates"] > 10
+
+
 def test_no_gpu_visible_says_add_gpus_all(volume: str) -> None:
     cfg, _ = demo_layout(volume, 10, 5, "nogpu")
     res = sh(*RUN, "-v", f"{volume}:/data", IMAGE, "train", cfg, check=False)
