@@ -203,6 +203,16 @@ def seed_config(work: Path, name: str, steps: int, overrides: dict) -> Path:
     return path
 
 
+def bake_schema(directory: Path) -> None:
+    """LlamaFactory's argument schema, baked as the image's build does (Dockerfile, FT_BAKED_CACHE): a
+    new volume's first check reads it instead of importing LlamaFactory's arguments. `--cold` empties
+    the volume's caches, not this one, which is part of the image."""
+    from ft_appliance.preflight.gate import bake
+
+    bake(directory)
+    os.environ["FT_BAKED_CACHE"] = str(directory)  # inherited by the CLI
+
+
 def compile_bytecode(prefix: Path) -> float:
     """Bytecode for every package on sys.path, kept under prefix, as the image build has it.
 
@@ -433,6 +443,11 @@ def main() -> None:
         action="store_true",
         help="do not compile the stack's bytecode first (the image has it; see compile_bytecode)",
     )
+    ap.add_argument(
+        "--no-bake",
+        action="store_true",
+        help="do not bake LlamaFactory's schema first (the image has it; see bake_schema)",
+    )
     ap.add_argument("cases", nargs="*", default=list(CASES))
     a = ap.parse_args()
     extra = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in a.set)}
@@ -447,6 +462,8 @@ def main() -> None:
     warn_extra_packages()
     models = tuple(dict.fromkeys(CASES[c][1].get("model", "llama-8b-random") for c in a.cases))
     build(a.workdir, tiny=a.tiny, models=models)
+    if not a.no_bake:
+        bake_schema(a.workdir / "baked")
     if not a.no_bytecode:
         seconds = compile_bytecode(a.workdir / "pycache")
         print(f"bytecode: {seconds:.1f} s to compile the stack under {a.workdir / 'pycache'}")
