@@ -72,8 +72,9 @@ def _cache_file() -> Path | None:
 
 def _baked_file() -> Path | None:
     """The copy the image's build wrote (FT_BAKED_CACHE, read-only): a new volume's first check reads
-    it instead of importing LlamaFactory's arguments (4.5 s on the CI machine, 8-9 s on a fresh H200
-    machine). Only a file of the installed versions' name matches."""
+    it instead of importing LlamaFactory's arguments (4.3-6.0 s of the CLI's first start on the CI
+    machine; on a fresh H200 machine that start took 9.3 s, not profiled). Only a file of the installed
+    versions' name matches."""
     import os
 
     name = _cache_name()
