@@ -1,6 +1,8 @@
 """How fast the 8B LoRA step's GEMM shapes run on this card, alone: the frozen base's projections
 (separate and fused q/k/v, gate/up), their backward (grad of the input), the LoRA rank-8 GEMMs and an
-elementwise pass over a layer's output for scale.
+elementwise pass over a layer's output for scale; and the two orders of a LoRA layer's sum (the base
+GEMM accumulating into the low-rank product, cuBLAS's beta = 1 kernels, or the base GEMM first and
+the rank-r product added by its own GEMM).
 
     python benchmarks/gemm_shapes.py [--tokens 8192]
 
@@ -62,6 +64,15 @@ def shape(name: str, t: int, k: int, n: int, r: int) -> None:
     lb = timed(lambda: out.addmm_(xa, b.t(), alpha=2.0))
     lbw = timed(lambda: dy.t() @ xa)
     add = timed(lambda: out.add_(dy))
+    dxa = torch.randn(t, r, device="cuda", dtype=bf)
+    lora_first = timed(lambda: torch.mm(xa, b.t()).addmm_(x, w.t()))
+    base_first = timed(lambda: torch.mm(x, w.t()).addmm_(xa, b.t()))
+    lora_first_bwd = timed(lambda: torch.mm(dxa, a).addmm_(dy, w))
+    base_first_bwd = timed(lambda: torch.mm(dy, w).addmm_(dxa, a))
+    print(
+        f"{'':28s} sum: forward lora first {lora_first:7.3f} ms, base first {base_first:7.3f} ms; "
+        f"input grad lora first {lora_first_bwd:7.3f} ms, base first {base_first_bwd:7.3f} ms"
+    )
     print(
         f"{'':28s} lora A {la:6.3f} ms ({x.numel() * 2 / la / 1e6:5.0f} GB/s)  B addmm_ {lb:6.3f} ms "
         f"({out.numel() * 4 / lb / 1e6:5.0f} GB/s)  dB {lbw:6.3f} ms  add_ pass {add:6.3f} ms"
