@@ -88,6 +88,7 @@ CASES: dict[str, tuple[str, dict, list[str]]] = {
     "profile-noautotune": ("ft", {}, ["--no-autotune"]),
     "profile-nofused": ("ft", {}, []),  # the profile with LoRA layers one by one (CASE_ENV)
     "profile-flex": ("ft", {}, []),  # the profile with FlexAttention for neat packing (CASE_ENV)
+    "profile-cudnn": ("ft", {}, []),  # the profile with cuDNN's fused attention for neat packing (CASE_ENV)
     # The FP8 profile: the frozen base's matmuls in float8 (worker/fp8.py), the rest as the profile.
     "fp8": ("ft", {}, ["--fp8-base"]),
     # QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (the GPU image carries it), the profile on.
@@ -104,6 +105,7 @@ CASES: dict[str, tuple[str, dict, list[str]]] = {
 CASE_ENV = {
     "profile-nofused": {"FT_SKIP_TWEAKS": "lora-fused-projections"},
     "profile-flex": {"FT_ATTENTION_KERNELS": "flex"},
+    "profile-cudnn": {"FT_ATTENTION_KERNELS": "cudnn,varlen"},
 }
 
 

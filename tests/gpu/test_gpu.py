@@ -64,17 +64,17 @@ def test_sigterm_on_gpu_saves_exits_and_frees_the_gpu(tmp_path: Path) -> None:
     assert "restarts 1; steps lost 0" in res.stdout
 
 
-@pytest.mark.parametrize("name", ["varlen", "flex"])
+@pytest.mark.parametrize("name", ["varlen", "cudnn", "flex"])
 def test_blockdiag_kernels_match_the_reference_forward_and_backward(name: str) -> None:
     """torch's FlashAttention-2 varlen kernel and FlexAttention's block-sparse one, as the appliance
     calls them, against SDPA with a dense mask (every real token; a row's trailing pads differ)."""
     import torch
     from ft_appliance.worker import attention
 
-    available = {"varlen": attention.varlen_available, "flex": attention.flex_available}[name]
+    available, build = attention.KERNELS[name]
     if not available():
         pytest.skip(f"torch {torch.__version__} has no {name} kernel here")
-    kernel = {"varlen": attention.varlen_kernel, "flex": attention.flex_kernel}[name]()
+    kernel = build()
     attention.register((kernel,))
     torch.manual_seed(0)
     # Llama-3.1-8B heads (32 query, 8 key/value, dim 128); two rows packed with 3 and 2 examples + padding
@@ -103,6 +103,47 @@ def test_blockdiag_kernels_match_the_reference_forward_and_backward(name: str) -
     for t, r in zip((q, k, v), ref_in, strict=True):
         got, want = t.grad.float().transpose(1, 2)[real], r.grad.transpose(1, 2)[real]
         torch.testing.assert_close(got, want, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("name", ["varlen", "cudnn"])
+def test_with_the_pieces_from_the_host_a_forward_and_backward_never_wait(name: str) -> None:
+    """The data loader's copy brings the pieces along (attention.install_host_layouts): the layers'
+    attention then runs without one device synchronisation, and gives what the GPU's pieces give."""
+    import torch
+    from accelerate import data_loader
+    from ft_appliance.worker import attention
+
+    available, build = attention.KERNELS[name]
+    if not available():
+        pytest.skip(f"torch {torch.__version__} has no {name} kernel here")
+    attention.register((build(),))
+    assert attention.install_host_layouts()
+    position_ids = torch.tensor([list(range(300)) + list(range(500)) + list(range(224)), list(range(1024))])
+    moved = data_loader.send_to_device({"position_ids": position_ids.pin_memory()}, "cuda", non_blocking=True)
+    q, k, v = (
+        torch.randn(2, 1024, heads, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+        for heads in (32, 8, 8)
+    )
+    module = torch.nn.Module()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, _ = attention.blockdiag_attention_forward(
+            module, q, k, v, None, scaling=128**-0.5, position_ids=moved["position_ids"]
+        )
+        out.float().square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert attention._state.proven and attention._state.layout[1] == 1024
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    on_gpu = moved["position_ids"].clone()  # another tensor: its pieces are worked out on the GPU
+    again, _ = attention.blockdiag_attention_forward(module, q, k, v, None, scaling=128**-0.5, position_ids=on_gpu)
+    again.float().square().sum().backward()
+    torch.testing.assert_close(out, again, atol=0, rtol=0)  # the same pieces and bound: the same kernel call
+    for got, want in zip(grads, (q.grad, k.grad, v.grad), strict=True):  # atomics: summation order varies
+        torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-2)
 
 
 def test_liger_fused_loss_backward_without_its_sync_gives_the_same_gradients() -> None:

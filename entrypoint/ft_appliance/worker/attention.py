@@ -16,14 +16,16 @@ AttentionInterface and switches the loaded model to it. The kernels, fastest fir
 
 Example boundaries come from `position_ids`, which LlamaFactory's neat packing restarts at 0 for every
 example (and sets to 0 for every pad token); the 4D mask LlamaFactory still builds is not read on this
-path (the worker's token counter reads it). Anything this path does not cover (no CUDA kernel, no
+path (the worker's token counter reads it). For varlen the host works the pieces out from the batch's
+CPU position_ids while the data loader copies it to the GPU (install_host_layouts), so the GPU never
+waits for them. Anything this path does not cover (no CUDA kernel, no
 position_ids, dropout, sliding windows, soft caps, decoding) falls back to transformers' SDPA function
 with the mask it was given. A kernel that fails at its first call hands over to the next one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +42,9 @@ class Kernel:
     layout: Callable[[Any], Any]
     attend: Callable[[Any, Any, Any, Any, float | None], Any]
     cuda_only: bool = True
+    host_layout: bool = False
+    """`layout` runs on CPU tensors too and gives (cu_seqlens, bound): the data loader's copy of a
+    batch to the GPU can bring it along (install_host_layouts)."""
 
 
 def flex_available() -> bool:
@@ -59,6 +64,18 @@ def varlen_available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+
+
+def cudnn_available() -> bool:
+    """cuDNN's fused attention on ragged (cumulative-length) tensors: torch's aten op and a cuDNN 9."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    if not (torch.cuda.is_available() and hasattr(torch.ops.aten, "_cudnn_attention_forward")):
+        return False
+    version = torch.backends.cudnn.version() or 0
+    return version >= 90000 and torch.cuda.get_device_capability() >= (8, 0)
 
 
 def example_ids(position_ids: Any) -> Any:
@@ -106,7 +123,27 @@ def varlen_kernel() -> Kernel:
         )
         return out.view(b, length, h, d)
 
-    return Kernel("varlen", segments, attend)
+    return Kernel("varlen", segments, attend, host_layout=True)
+
+
+def cudnn_kernel() -> Kernel:
+    """varlen's layout through cuDNN's fused attention (its Hopper kernels are not FlashAttention-2's).
+    torch's own varlen_attn keeps its cuDNN path switched off, so the aten op is called here; its
+    autograd formula is torch's."""
+    import torch
+
+    forward = torch.ops.aten._cudnn_attention_forward
+
+    def attend(query: Any, key: Any, value: Any, layout: Any, scale: float | None) -> Any:
+        cu, bound = layout
+        b, h, length, d = query.shape
+        # causal within each piece; the log-sum-exp is what the backward needs
+        out = forward(
+            _flat(query), _flat(key), _flat(value), None, cu, cu, bound, bound, True, 0.0, True, False, scale=scale
+        )
+        return out[0].view(b, length, h, d)
+
+    return Kernel("cudnn", segments, attend, host_layout=True)
 
 
 def reference_varlen_kernel() -> Kernel:
@@ -127,7 +164,7 @@ def reference_varlen_kernel() -> Kernel:
             pieces.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale).transpose(0, 1))
         return torch.cat(pieces).view(b, length, h, d)
 
-    return Kernel("reference-varlen", segments, attend, cuda_only=False)
+    return Kernel("reference-varlen", segments, attend, cuda_only=False, host_layout=True)
 
 
 def reference_kernel(query: Any, key: Any, value: Any, examples: Any, scale: float | None) -> Any:
@@ -263,11 +300,80 @@ def blockdiag_attention_forward(
 
 def _attend(kernel: Kernel, query: Any, key: Any, value: Any, position_ids: Any, scale: float | None) -> Any:
     if _state.position_ids is not position_ids:  # the first layer of a forward
-        _state.layout, _state.position_ids = kernel.layout(position_ids), position_ids
+        ahead = _ahead.take(position_ids) if kernel.host_layout else None
+        _state.layout = kernel.layout(position_ids) if ahead is None else ahead
+        _state.position_ids = position_ids
     return kernel.attend(query, key, value, _state.layout, scale)
 
 
-KERNELS = {"varlen": (varlen_available, varlen_kernel), "flex": (flex_available, flex_kernel)}
+class _Ahead:
+    """Layouts worked out on the host for batches on their way to the GPU, by the device tensor of
+    position_ids each is for. Found by identity (the tensor is held, so its id stays its own); a
+    batch that never reaches the model (the loader fetches ahead) is dropped after LIMIT newer ones."""
+
+    LIMIT = 256
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[Any, Any]] = {}
+
+    def put(self, position_ids: Any, layout: Any) -> None:
+        self.entries[id(position_ids)] = (position_ids, layout)
+        while len(self.entries) > self.LIMIT:
+            del self.entries[next(iter(self.entries))]
+
+    def take(self, position_ids: Any) -> Any:
+        held, layout = self.entries.pop(id(position_ids), (None, None))
+        return layout if held is position_ids else None
+
+
+_ahead = _Ahead()
+
+
+def host_layout(position_ids: Any, device: Any) -> Any:
+    """segments() of a batch's CPU position_ids, on the host, and the pieces' copy to `device` queued
+    behind the batch's own: on the GPU, segments() waits once per forward for the number of pieces
+    (the kernel's grid), and the GPU idles while the host catches up. The host also knows the longest
+    piece, the bound the kernel's grid is sized by, for free."""
+    cu, _ = segments(position_ids)
+    bound = int((cu[1:] - cu[:-1]).max())
+    if str(device) == "cpu":
+        return cu, bound
+    return cu.pin_memory().to(device, non_blocking=True), bound  # pinned: the copy does not wait
+
+
+def install_host_layouts() -> bool:
+    """Wrap accelerate's send_to_device as its data loader calls it: a batch with 2D CPU position_ids
+    leaves with its pieces worked out, for a kernel with host_layout. False where accelerate's data
+    loader has no such function (then the GPU works the pieces out, as before)."""
+    try:
+        from accelerate import data_loader
+    except ImportError:
+        return False
+    original = getattr(data_loader, "send_to_device", None)
+    if original is None or getattr(original, "_ft_host_layout", False):
+        return original is not None
+
+    def send_to_device(tensor: Any, device: Any, *args: Any, **kwargs: Any) -> Any:
+        moved = original(tensor, device, *args, **kwargs)
+        kernel = _state.kernels[0] if _state.kernels else None
+        pos = tensor.get("position_ids") if isinstance(tensor, Mapping) else None
+        if kernel is None or not kernel.host_layout or getattr(pos, "ndim", 0) != 2 or pos.device.type != "cpu":
+            return moved
+        target = moved.get("position_ids")
+        if target is not None and target.shape == pos.shape:
+            _ahead.put(target, host_layout(pos, target.device))
+        return moved
+
+    send_to_device._ft_host_layout = True  # type: ignore[attr-defined]
+    data_loader.send_to_device = send_to_device
+    return True
+
+
+KERNELS = {
+    "varlen": (varlen_available, varlen_kernel),
+    "cudnn": (cudnn_available, cudnn_kernel),
+    "flex": (flex_available, flex_kernel),
+}
 DEFAULT_ORDER = "varlen,flex"
 
 

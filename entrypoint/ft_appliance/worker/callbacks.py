@@ -295,7 +295,8 @@ def apply_tweaks(model: Any, tweaks: tuple[str, ...]) -> dict[str, str]:
     if BLOCKDIAG_ATTENTION in tweaks:
         if kernels := attention.register():
             names = ", then ".join(k.name for k in kernels)
-            done[BLOCKDIAG_ATTENTION] = f"{attention.use_blockdiag(model)} -> {attention.NAME} ({names})"
+            ahead = "; pieces from the host" if attention.install_host_layouts() else ""
+            done[BLOCKDIAG_ATTENTION] = f"{attention.use_blockdiag(model)} -> {attention.NAME} ({names}{ahead})"
         else:
             done[BLOCKDIAG_ATTENTION] = "skipped: no varlen or FlexAttention kernel here, SDPA kept"
     if LORA_INPUTS in tweaks:

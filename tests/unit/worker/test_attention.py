@@ -76,8 +76,9 @@ def test_pieces_start_at_rows_and_examples_and_a_rows_padding_is_one_piece() -> 
         ("", ("varlen", "flex")),
         ("flex", ("flex",)),
         ("flex, varlen", ("flex", "varlen")),
-        ("flex,flex,cudnn", ("flex",)),  # repeats and unknown names dropped
-        ("cudnn", ("varlen", "flex")),
+        ("flex,flex,fa3", ("flex",)),  # repeats and unknown names dropped
+        ("fa3", ("varlen", "flex")),
+        ("cudnn,varlen", ("cudnn", "varlen")),
     ],
 )
 def test_the_kernel_order_comes_from_ft_attention_kernels(text: str | None, order: tuple[str, ...]) -> None:
@@ -139,6 +140,42 @@ def test_the_varlen_layout_gives_the_dense_masks_gradients(model: LlamaForCausal
     for name, g in grads[0].items():
         torch.testing.assert_close(grads[1][name], g, atol=1e-5, rtol=1e-4, msg=name)
     assert grads[0]["model.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
+
+
+def test_pieces_worked_out_on_the_host_come_with_the_batch_and_are_used_once(model: LlamaForCausalLM) -> None:
+    """accelerate's data loader copies each batch with send_to_device; wrapped, it leaves the batch's
+    pieces (and the longest piece, not the row length) for the attention's first layer to take."""
+    from accelerate import data_loader
+
+    batch = packed_batch()
+    real = batch["segment_mask"] > 0
+    mask4d = prepare_4d_attention_mask(batch["segment_mask"], torch.float32)
+    attention.register((attention.reference_varlen_kernel(),))
+    assert attention.install_host_layouts() and attention.install_host_layouts()  # once, however often asked
+    moved = data_loader.send_to_device({**batch, "attention_mask": mask4d}, "cpu")
+    cu, bound = attention._ahead.entries[id(moved["position_ids"])][1]
+    assert cu.tolist() == [0, 5, 12, 16, 24, 34, 48] and bound == 14
+    with torch.no_grad():
+        model.set_attn_implementation("sdpa")
+        expected = model(input_ids=batch["input_ids"], attention_mask=mask4d, position_ids=batch["position_ids"])
+        attention.use_blockdiag(model)
+        got = model(input_ids=moved["input_ids"], attention_mask=mask4d, position_ids=moved["position_ids"])
+        model.set_attn_implementation("sdpa")
+    assert attention._ahead.entries == {}  # taken by the first layer, the rest reuse it
+    assert attention._state.layout[1] == 14
+    torch.testing.assert_close(got.logits[real], expected.logits[real], atol=1e-5, rtol=1e-5)
+
+
+def test_a_batch_the_host_did_not_see_gets_its_pieces_from_its_own_position_ids() -> None:
+    seen, unseen = torch.tensor([[0, 1, 2, 0, 1]]), torch.tensor([[0, 1, 0, 1, 2]])
+    attention._ahead.put(seen, attention.host_layout(seen, "cpu"))
+    assert attention._ahead.take(unseen) is None
+    assert attention._ahead.take(torch.tensor([[0, 1, 2, 0, 1]])) is None  # equal values, another tensor
+    assert attention._ahead.take(seen)[0].tolist() == [0, 3, 5]
+    for i in range(attention._Ahead.LIMIT + 5):  # batches fetched ahead that never ran: the oldest go
+        attention._ahead.put(torch.zeros(1, 2 + i % 3, dtype=torch.long), (None, 1))
+    assert len(attention._ahead.entries) == attention._Ahead.LIMIT
+    attention._ahead.entries.clear()
 
 
 def test_cpu_tensors_fall_back_to_sdpa(model: LlamaForCausalLM) -> None:
