@@ -89,6 +89,7 @@ CASES: dict[str, tuple[str, dict, list[str]]] = {
     "profile-nofused": ("ft", {}, []),  # the profile with LoRA layers one by one (CASE_ENV)
     "profile-flex": ("ft", {}, []),  # the profile with FlexAttention for neat packing (CASE_ENV)
     "profile-cudnn": ("ft", {}, []),  # the profile with cuDNN's fused attention for neat packing (CASE_ENV)
+    "profile-basefirst": ("ft", {}, []),  # the profile with each LoRA sum started by the base GEMM (CASE_ENV)
     # The FP8 profile: the frozen base's matmuls in float8 (worker/fp8.py), the rest as the profile.
     "fp8": ("ft", {}, ["--fp8-base"]),
     # QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (the GPU image carries it), the profile on.
@@ -106,6 +107,7 @@ CASE_ENV = {
     "profile-nofused": {"FT_SKIP_TWEAKS": "lora-fused-projections"},
     "profile-flex": {"FT_ATTENTION_KERNELS": "flex"},
     "profile-cudnn": {"FT_ATTENTION_KERNELS": "cudnn,varlen"},
+    "profile-basefirst": {"FT_LORA_SUM_ORDER": "base-first"},
 }
 
 

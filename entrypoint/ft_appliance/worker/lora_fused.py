@@ -46,6 +46,9 @@ class Group:
     """Outputs computed for the members not yet called, for the input `pending_key` names."""
     held: Any = None
     """That input, kept alive while outputs wait: no other tensor can take its memory (and its key)."""
+    base_first: bool = False
+    """Which GEMM a sum starts with (SUM_ORDERS): the base's, then the low-rank product added by its
+    own GEMM; or the low-rank product's, the base GEMM accumulating into it."""
 
     @property
     def dtype(self) -> Any:
@@ -64,9 +67,13 @@ def _function() -> Any:
             xa_s = (x @ a_cat.t()).mul_(group.scale)  # (T, R): s * x A^T for every member at once
             outs = []
             for m, b, (lo, hi) in zip(group.members, bs, group.offsets, strict=True):
-                bias = m.base_layer.bias
+                w, bias = m.base_layer.weight, m.base_layer.bias
+                if group.base_first:
+                    out = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
+                    outs.append(out.addmm_(xa_s[:, lo:hi], b.t()))
+                    continue
                 out = torch.mm(xa_s[:, lo:hi], b.t()) if bias is None else torch.addmm(bias, xa_s[:, lo:hi], b.t())
-                outs.append(out.addmm_(x, m.base_layer.weight.t()))
+                outs.append(out.addmm_(x, w.t()))
             ctx.group = group
             ctx.save_for_backward(x, xa_s, a_cat, *bs)
             return tuple(outs)
@@ -79,9 +86,7 @@ def _function() -> Any:
             dxa = torch.cat([dy @ b for dy, b in zip(dys, bs, strict=True)], dim=1).mul_(group.scale)
             dx = None
             if ctx.needs_input_grad[1]:  # not for the first layer, whose input needs no gradient
-                dx = dxa @ a_cat
-                for m, dy in zip(group.members, dys, strict=True):
-                    dx.addmm_(dy, m.base_layer.weight)
+                dx = _input_grad(group, dys, dxa, a_cat)
             d_a_cat = dxa.t() @ x
             d_a, d_b = [], []
             for m, dy, (lo, hi) in zip(group.members, dys, group.offsets, strict=True):
@@ -90,6 +95,30 @@ def _function() -> Any:
             return (None, dx, *d_a, *d_b)
 
     return FusedLoRA
+
+
+def _input_grad(group: Group, dys: list[Any], dxa: Any, a_cat: Any) -> Any:
+    """(dy B s) A plus every member's dy W, written once, in the group's order."""
+    weights = [m.base_layer.weight for m in group.members]
+    if not group.base_first:
+        dx = dxa @ a_cat
+        for dy, w in zip(dys, weights, strict=True):
+            dx.addmm_(dy, w)
+        return dx
+    dx = dys[0] @ weights[0]
+    for dy, w in zip(dys[1:], weights[1:], strict=True):
+        dx.addmm_(dy, w)
+    return dx.addmm_(dxa, a_cat)
+
+
+SUM_ORDERS = ("lora-first", "base-first")
+"""FT_LORA_SUM_ORDER: cuBLAS runs a GEMM that accumulates into its output (beta = 1) with other
+kernels than one that writes it; which order is faster is measured (benchmarks/gemm_shapes.py)."""
+
+
+def sum_order(text: str | None) -> bool:
+    """True for base first: FT_LORA_SUM_ORDER's value, the default (lora-first) for anything else."""
+    return (text or "").strip() == "base-first"
 
 
 class _Fn:
@@ -156,11 +185,15 @@ def _scalings_changed(group: Group) -> bool:
     return [m.scaling[group.name] for m in group.members] != group.scalings
 
 
-def fuse_lora_projections(model: Any) -> int:
+def fuse_lora_projections(model: Any, base_first: bool | None = None) -> int:
     """Give every plain peft LoRA Linear of `model` the grouped forward above; returns how many layers
     changed. Siblings named in SHARED_INPUT form one group when all are eligible; the rest are groups
     of one. Quantized bases (QLoRA), layers already patched and weights shared with another module
-    (tied embeddings) are left alone."""
+    (tied embeddings) are left alone. `base_first` (default: FT_LORA_SUM_ORDER) orders each sum."""
+    import os
+
+    if base_first is None:
+        base_first = sum_order(os.environ.get("FT_LORA_SUM_ORDER"))
     if _fn.cls is None:
         _fn.cls = _function()
     counts: dict[int, int] = {}
@@ -173,11 +206,11 @@ def fuse_lora_projections(model: Any) -> int:
         for names in SHARED_INPUT:
             members = [children[n] for n in names if n in children]
             if len(members) == len(names) and _compatible(members):
-                _install(members)
+                _install(members, base_first)
                 grouped.update(names)
         for n, c in children.items():
             if n not in grouped:
-                _install([c])
+                _install([c], base_first)
         changed += len(children)
     return changed
 
@@ -213,7 +246,7 @@ def _compatible(members: list[Any]) -> bool:
     )
 
 
-def _install(members: list[Any]) -> None:
+def _install(members: list[Any], base_first: bool) -> None:
     import torch
 
     name = members[0].active_adapters[0]
@@ -223,6 +256,6 @@ def _install(members: list[Any]) -> None:
     scalings = [m.scaling[name] for m in members]
     w = members[0].base_layer.weight
     scale = torch.tensor([s for s, r in zip(scalings, ranks, strict=True) for _ in range(r)], dtype=w.dtype)
-    group = Group(members, name, offsets, scalings, scale.to(w.device))
+    group = Group(members, name, offsets, scalings, scale.to(w.device), base_first=base_first)
     for i, m in enumerate(members):
         m.forward = _member_forward(group, i)

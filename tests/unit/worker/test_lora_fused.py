@@ -31,24 +31,36 @@ def group_outputs_and_grads(model: torch.nn.Module, block: str, names: list[str]
     return [o.detach().float() for o in outs] + [x.grad.float()] + adapters
 
 
+@pytest.mark.parametrize("base_first", [False, True], ids=["lora-first", "base-first"])
 @pytest.mark.parametrize("block,names", [(b, n) for b, groups in GROUPS.items() for n in groups])
-def test_each_group_is_as_close_to_fp32_as_peft(block: str, names: list[str]) -> None:
+def test_each_group_is_as_close_to_fp32_as_peft(block: str, names: list[str], base_first: bool) -> None:
     """Outputs, the input gradient and every adapter gradient of one group, against the same layers in
-    fp32: no further off than peft's (bf16 roundings in another order, not fewer digits)."""
+    fp32: no further off than peft's (bf16 roundings in another order, not fewer digits), whichever
+    GEMM each sum starts with."""
     want = group_outputs_and_grads(lora_model().float(), block, names, autocast=False)
     peft = group_outputs_and_grads(lora_model(), block, names, autocast=True)
     model = lora_model()
-    fuse_lora_projections(model)
+    fuse_lora_projections(model, base_first=base_first)
     got = group_outputs_and_grads(model, block, names, autocast=True)
     for g, p, w in zip(got, peft, want, strict=True):
         assert rel_err(g, w) <= rel_err(p, w) * 1.05 + 1e-4
 
 
-def test_whole_model_loss_and_gradients_stay_with_peft() -> None:
+@pytest.mark.parametrize("base_first", [False, True], ids=["lora-first", "base-first"])
+def test_whole_model_loss_and_gradients_stay_with_peft(base_first: bool) -> None:
     """The whole tiny model: every layer's roundings feed the next, so each gradient is held against
     fp32 within twice peft's own distance, and the loss within bf16's."""
     assert TINY["num_hidden_layers"] == 2  # the helper counts 2 x 7 LoRA layers
-    assert_as_close_to_fp32_as_peft(fuse_lora_projections, grad_factor=2)
+    assert_as_close_to_fp32_as_peft(lambda m: fuse_lora_projections(m, base_first=base_first), grad_factor=2)
+
+
+@pytest.mark.parametrize(
+    ("text", "base_first"), [(None, False), ("", False), ("base-first", True), ("lora-first", False), ("x", False)]
+)
+def test_the_sum_order_comes_from_ft_lora_sum_order(text: str | None, base_first: bool) -> None:
+    from ft_appliance.worker.lora_fused import sum_order
+
+    assert sum_order(text) is base_first
 
 
 def test_the_frozen_weights_are_left_as_they_are() -> None:
