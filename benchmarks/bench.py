@@ -90,6 +90,7 @@ CASES: dict[str, tuple[str, dict, list[str]]] = {
     "profile-flex": ("ft", {}, []),  # the profile with FlexAttention for neat packing (CASE_ENV)
     "profile-cudnn": ("ft", {}, []),  # the profile with cuDNN's fused attention for neat packing (CASE_ENV)
     "profile-basefirst": ("ft", {}, []),  # the profile with each LoRA sum started by the base GEMM (CASE_ENV)
+    "profile-hostpieces": ("ft", {}, []),  # the profile with varlen's pieces from the host (CASE_ENV)
     # The FP8 profile: the frozen base's matmuls in float8 (worker/fp8.py), the rest as the profile.
     "fp8": ("ft", {}, ["--fp8-base"]),
     # QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (the GPU image carries it), the profile on.
@@ -108,6 +109,7 @@ CASE_ENV = {
     "profile-flex": {"FT_ATTENTION_KERNELS": "flex"},
     "profile-cudnn": {"FT_ATTENTION_KERNELS": "cudnn,varlen"},
     "profile-basefirst": {"FT_LORA_SUM_ORDER": "base-first"},
+    "profile-hostpieces": {"FT_HOST_PIECES": "1"},
 }
 
 

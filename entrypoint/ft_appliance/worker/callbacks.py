@@ -295,7 +295,9 @@ def apply_tweaks(model: Any, tweaks: tuple[str, ...]) -> dict[str, str]:
     if BLOCKDIAG_ATTENTION in tweaks:
         if kernels := attention.register():
             names = ", then ".join(k.name for k in kernels)
-            ahead = "; pieces from the host" if attention.install_host_layouts() else ""
+            # FT_HOST_PIECES=1: opt-in until a card has measured it (docs/benchmarks.md, 2026-12-06)
+            host = os.environ.get("FT_HOST_PIECES") == "1" and attention.install_host_layouts()
+            ahead = "; pieces from the host" if host else ""
             done[BLOCKDIAG_ATTENTION] = f"{attention.use_blockdiag(model)} -> {attention.NAME} ({names}{ahead})"
         else:
             done[BLOCKDIAG_ATTENTION] = "skipped: no varlen or FlexAttention kernel here, SDPA kept"
