@@ -15,6 +15,10 @@ function:
 - backward: the low-rank gradient of every member, then the input gradient as (dy B s) A written once
   and every member's dy W accumulated into it the same way: no separate gradient, no autograd sum.
 
+FT_LORA_SUM_ORDER=base-first reverses each sum (the base GEMM writes, the low-rank GEMM accumulates):
+cuBLAS's accumulating kernels for the large GEMMs were 3-5% slower than its writing ones on the H200,
+which may outweigh the extra pass over each output; not measured yet, so not the default.
+
 The frozen weights are not touched. No value changes beyond bf16 rounding order
 (tests/unit/worker/test_lora_fused.py holds loss and gradients against fp32). Where the fast path does
 not apply (no autocast, dropout, DoRA, several or disabled adapters, a base that trains) peft's own
