@@ -18,9 +18,10 @@ Example boundaries come from `position_ids`, which LlamaFactory's neat packing r
 example (and sets to 0 for every pad token); the 4D mask LlamaFactory still builds is not read on this
 path (the worker's token counter reads it). With FT_HOST_PIECES=1 the host works varlen's pieces out
 from the batch's CPU position_ids while the data loader copies it to the GPU (install_host_layouts),
-so the GPU never waits for them (opt-in until measured on a card). Anything this path does not cover (no CUDA kernel, no
-position_ids, dropout, sliding windows, soft caps, decoding) falls back to transformers' SDPA function
-with the mask it was given. A kernel that fails at its first call hands over to the next one.
+so the GPU never waits for them (opt-in until measured on a card). Anything this path does not
+cover (no CUDA kernel, no position_ids, dropout, sliding windows, soft caps, decoding) falls back to
+transformers' SDPA function with the mask it was given. A kernel that fails at its first call hands
+over to the next one.
 """
 
 from __future__ import annotations

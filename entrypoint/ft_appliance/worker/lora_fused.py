@@ -51,7 +51,7 @@ class Group:
     held: Any = None
     """That input, kept alive while outputs wait: no other tensor can take its memory (and its key)."""
     base_first: bool = False
-    """Which GEMM a sum starts with (SUM_ORDERS): the base's, then the low-rank product added by its
+    """Which GEMM a sum starts with (sum_order): the base's, then the low-rank product added by its
     own GEMM; or the low-rank product's, the base GEMM accumulating into it."""
 
     @property
@@ -71,13 +71,11 @@ def _function() -> Any:
             xa_s = (x @ a_cat.t()).mul_(group.scale)  # (T, R): s * x A^T for every member at once
             outs = []
             for m, b, (lo, hi) in zip(group.members, bs, group.offsets, strict=True):
-                w, bias = m.base_layer.weight, m.base_layer.bias
-                if group.base_first:
-                    out = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
-                    outs.append(out.addmm_(xa_s[:, lo:hi], b.t()))
-                    continue
-                out = torch.mm(xa_s[:, lo:hi], b.t()) if bias is None else torch.addmm(bias, xa_s[:, lo:hi], b.t())
-                outs.append(out.addmm_(x, w.t()))
+                bias = m.base_layer.bias
+                low, base = (xa_s[:, lo:hi], b.t()), (x, m.base_layer.weight.t())
+                first, second = (base, low) if group.base_first else (low, base)
+                out = torch.mm(*first) if bias is None else torch.addmm(bias, *first)
+                outs.append(out.addmm_(*second))
             ctx.group = group
             ctx.save_for_backward(x, xa_s, a_cat, *bs)
             return tuple(outs)
@@ -103,25 +101,19 @@ def _function() -> Any:
 
 def _input_grad(group: Group, dys: list[Any], dxa: Any, a_cat: Any) -> Any:
     """(dy B s) A plus every member's dy W, written once, in the group's order."""
-    weights = [m.base_layer.weight for m in group.members]
-    if not group.base_first:
-        dx = dxa @ a_cat
-        for dy, w in zip(dys, weights, strict=True):
-            dx.addmm_(dy, w)
-        return dx
-    dx = dys[0] @ weights[0]
-    for dy, w in zip(dys[1:], weights[1:], strict=True):
-        dx.addmm_(dy, w)
-    return dx.addmm_(dxa, a_cat)
-
-
-SUM_ORDERS = ("lora-first", "base-first")
-"""FT_LORA_SUM_ORDER: cuBLAS runs a GEMM that accumulates into its output (beta = 1) with other
-kernels than one that writes it; which order is faster is measured (benchmarks/gemm_shapes.py)."""
+    bases = [(dy, m.base_layer.weight) for dy, m in zip(dys, group.members, strict=True)]
+    terms = [*bases, (dxa, a_cat)] if group.base_first else [(dxa, a_cat), *bases]
+    first, second = terms[0]
+    dx = first @ second
+    for term in terms[1:]:
+        dx.addmm_(*term)
+    return dx
 
 
 def sum_order(text: str | None) -> bool:
-    """True for base first: FT_LORA_SUM_ORDER's value, the default (lora-first) for anything else."""
+    """FT_LORA_SUM_ORDER: True for base-first, False (lora-first, the default) for anything else.
+    cuBLAS runs a GEMM that accumulates into its output (beta = 1) with other kernels than one that
+    writes it; which order is faster is measured by benchmarks/gemm_shapes.py."""
     return (text or "").strip() == "base-first"
 
 
