@@ -91,6 +91,7 @@ CASES: dict[str, tuple[str, dict, list[str]]] = {
     "profile-cudnn": ("ft", {}, []),  # the profile with cuDNN's fused attention for neat packing (CASE_ENV)
     "profile-basefirst": ("ft", {}, []),  # the profile with each LoRA sum started by the base GEMM (CASE_ENV)
     "profile-hostpieces": ("ft", {}, []),  # the profile with varlen's pieces from the host (CASE_ENV)
+    "profile-cudaahead": ("ft", {}, []),  # the profile with the CUDA context made during the imports (CASE_ENV)
     # The FP8 profile: the frozen base's matmuls in float8 (worker/fp8.py), the rest as the profile.
     "fp8": ("ft", {}, ["--fp8-base"]),
     # QLoRA: the frozen base in 4-bit NF4 through bitsandbytes (the GPU image carries it), the profile on.
@@ -110,6 +111,7 @@ CASE_ENV = {
     "profile-cudnn": {"FT_ATTENTION_KERNELS": "cudnn,varlen"},
     "profile-basefirst": {"FT_LORA_SUM_ORDER": "base-first"},
     "profile-hostpieces": {"FT_HOST_PIECES": "1"},
+    "profile-cudaahead": {"FT_CUDA_AHEAD": "1"},
 }
 
 

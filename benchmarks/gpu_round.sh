@@ -2,7 +2,7 @@
 # One device call's measurements, within the call's time limit: the carried wheels installed over the
 # machine's torch, the image's package set (these machines add scikit-learn and scipy), the GPU tests
 # named by -k, the attention and GEMM micro-benchmarks, then bench.py's cases on an empty workdir (the
-# first case is a first start: no kernels, no autotune decision).
+# first case is a first start: no kernels, no autotune decision). Also benchmarks/cuda_context.py, one round.
 #   OUT=... bash benchmarks/gpu_round.sh [-k PYTEST_EXPR] [--budget SECONDS] [-- BENCH_ARGS...]
 #   e.g. bash benchmarks/gpu_round.sh -k "host or blockdiag" --budget 560 -- --steps 12 profile profile-hostpieces
 set -uo pipefail
@@ -30,6 +30,7 @@ if [ -n "$tests" ]; then
 fi
 timeout 60 python3 benchmarks/attention_kernels.py 2>&1 | tee "$OUT/attention.txt" | tail -7
 timeout 40 python3 benchmarks/gemm_shapes.py 2>&1 | tee "$OUT/gemm.txt"
+timeout 60 python3 benchmarks/cuda_context.py 1 2>&1 | tee "$OUT/cuda_context.txt"
 say "micro-benchmarks"
 if [ $# -gt 0 ]; then
   OUT="$OUT" timeout "$(left)" python3 benchmarks/bench.py --workdir /tmp/bench "$@" > "$OUT/bench.log" 2>&1

@@ -239,3 +239,31 @@ def test_triton_cache_key_is_worked_out_in_the_background() -> None:
     assert triton_key.cache_info().currsize == 1
     assert ahead.warm_triton()  # from the cache now
     assert triton_key.cache_info().hits >= 1
+
+
+CONTEXT_AHEAD = """
+import ctypes
+from ft_appliance.worker import ahead
+assert ahead.open_cuda_context(0)
+cuda = ctypes.CDLL("libcuda.so.1")
+dev, flags, active = ctypes.c_int(), ctypes.c_uint(), ctypes.c_int()
+cuda.cuDeviceGet(ctypes.byref(dev), 0)
+cuda.cuDevicePrimaryCtxGetState(dev, ctypes.byref(flags), ctypes.byref(active))
+import torch
+x = torch.ones(4, device="cuda") * 2
+current, primary = ctypes.c_void_p(), ctypes.c_void_p()
+cuda.cuCtxGetCurrent(ctypes.byref(current))
+cuda.cuDevicePrimaryCtxRetain(ctypes.byref(primary), dev)
+print(active.value, current.value == primary.value, x.sum().item())
+"""
+
+
+def test_the_context_made_ahead_is_the_one_torch_uses() -> None:
+    """worker/ahead.open_cuda_context: the primary context is active before torch's first call, and torch
+    computes in it rather than in a second one."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", CONTEXT_AHEAD], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split()[-3:] == ["1", "True", "8.0"], res.stdout

@@ -7,14 +7,21 @@ otherwise do first, that depends on no run argument but whether the run uses Dee
 - Triton's cache key (warm_triton). An attempt that is not a spare's works it out in a thread while its
   model loads (warm_in_background).
 
+And what an attempt, a spare's included, starts as soon as it knows it trains: the GPU's CUDA context
+(open_cuda_context), created through the driver in a thread while the main thread imports the stack.
+A spare does not do it while it waits: it holds no GPU memory until it becomes an attempt.
+
 (LlamaFactory's Auto-class lookups in load_model no longer need warming: worker/model_lookup.py.)
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import importlib.util
+import os
 import threading
+from collections.abc import Mapping
 
 
 def prepare(deepspeed: bool) -> None:
@@ -49,5 +56,34 @@ def warm_in_background() -> threading.Thread:
     except ImportError:
         pass
     thread = threading.Thread(target=warm_triton, name="ft-warm-triton", daemon=True)
+    thread.start()
+    return thread
+
+
+def cuda_ahead_enabled(env: Mapping[str, str]) -> bool:
+    """FT_CUDA_AHEAD=1: opt-in until a card has measured what it saves (docs/benchmarks.md)."""
+    return env.get("FT_CUDA_AHEAD") == "1"
+
+
+def open_cuda_context(device: int) -> bool:
+    """cuInit and the primary context of this rank's GPU, the one torch's runtime adopts at its first
+    call. Through ctypes, which lets go of the GIL in each driver call, so that the context's creation
+    overlaps the imports instead of coming after them. False where there is no driver (CPU)."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    handle, context = ctypes.c_int(), ctypes.c_void_p()
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGet(ctypes.byref(handle), device) != 0:
+        return False  # torch reports the same error at its own first call, with its words
+    # Retained for the process's life: torch's runtime then finds the context made, not a second one.
+    return cuda.cuDevicePrimaryCtxRetain(ctypes.byref(context), handle) == 0
+
+
+def open_cuda_context_in_background(env: Mapping[str, str] | None = None) -> threading.Thread:
+    """open_cuda_context for the GPU LlamaFactory gives this rank (cuda:LOCAL_RANK), in a daemon thread."""
+    env = os.environ if env is None else env
+    device = int(env.get("LOCAL_RANK", "0"))
+    thread = threading.Thread(target=open_cuda_context, args=(device,), name="ft-cuda-context", daemon=True)
     thread.start()
     return thread

@@ -24,6 +24,7 @@ from typing import Any
 from ..state import lock
 from ..state.layout import BadRecord, StateDir, append_record, read_record, ready_file, write_record
 from ..state.records import Completion, Event, GoFile, RunFile, StopRecord, WorkerFailure
+from . import ahead
 from .beat import Beat, pid_alive
 from .context import StopFlag, StopRequested, WorkerContext
 
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             return WORKER_EXIT_STOPPED
     else:
         run_path = Path(argv[0])
+    if ahead.cuda_ahead_enabled(os.environ):  # from here on this process trains: its GPU is its own
+        ahead.open_cuda_context_in_background()
     try:
         run = read_record(run_path, RunFile)
     except BadRecord as exc:
@@ -135,9 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 def _wait_as_spare(go_file: Path, supervisor: int, stop: StopFlag, deepspeed: bool) -> Path | None:
     started = time.time()
     _import_stack()
-    from .ahead import prepare
-
-    prepare(deepspeed)
+    ahead.prepare(deepspeed)
     ready_file(go_file, _rank()).write_text(f"{time.time() - started:.1f}\n")  # seconds to ready
     return wait_for_go(go_file, supervisor, stop)
 
@@ -173,9 +174,7 @@ def _train(ctx: WorkerContext, run: RunFile, started: float, spare: bool) -> int
 
         SetupClock(ctx.setup_seconds).install()
         if not spare:  # a spare did this while it waited
-            from .ahead import warm_in_background
-
-            warm_in_background()
+            ahead.warm_in_background()
         if not uses_deepspeed(run.args):
             skip_engine_lookup()
 

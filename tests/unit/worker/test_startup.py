@@ -24,3 +24,21 @@ def test_the_stacks_objects_are_frozen_and_a_collection_skips_them() -> None:
     assert int(frozen) > 100_000, frozen  # torch, transformers, datasets, llamafactory
     assert int(tracked) < int(frozen) / 10, (tracked, frozen)
     assert triton == "False" and alive == "False"  # the CPU torch has no Triton
+
+
+def test_cuda_context_ahead_is_opt_in() -> None:
+    from ft_appliance.worker import ahead
+
+    table = [({}, False), ({"FT_CUDA_AHEAD": "0"}, False), ({"FT_CUDA_AHEAD": "1"}, True)]
+    for env, enabled in table:
+        assert ahead.cuda_ahead_enabled(env) is enabled, env
+
+
+def test_without_a_cuda_driver_the_context_thread_ends_at_once() -> None:
+    """This machine has no libcuda: the thread says so and ends; torch's own first call then reports it."""
+    from ft_appliance.worker import ahead
+
+    assert ahead.open_cuda_context(0) is False
+    thread = ahead.open_cuda_context_in_background({"LOCAL_RANK": "1"})
+    thread.join(10)
+    assert not thread.is_alive()
